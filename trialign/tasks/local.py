@@ -47,7 +47,8 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             raise TriAlignError(f"local task file {path} row {number}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise TriAlignError(f"local task file {path} row {number}: expected a JSON object, got {type(row).__name__}")
+            kind = type(row).__name__
+            raise TriAlignError(f"local task file {path} row {number}: expected a JSON object, got {kind}")
         yield number, row
 
 

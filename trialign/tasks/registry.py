@@ -15,7 +15,7 @@ from trialign.errors import TriAlignError
 from trialign.tasks import aime, bbq, gsm8k, local, truthfulqa
 from trialign.tasks.item import Item
 
-Loader = Callable[[str, int], "list[Item]"]
+Loader = Callable[[str, int], list[Item]]
 
 
 @dataclass(frozen=True)
@@ -30,18 +30,18 @@ class TaskSpec:
     """(task name, seed) -> the same items, from the hub dataset named in `trialign.tasks.hub`."""
 
 
+_TRUTHFULQA = (truthfulqa.load_local, truthfulqa.load_hub)
+_BBQ = (bbq.load_local, bbq.load_hub)
 TASKS: dict[str, TaskSpec] = {
-    "truthfulqa_mc1": TaskSpec("TruthfulQA MC1: 817 questions, one correct option", truthfulqa.load_local, truthfulqa.load_hub),
-    "truthfulqa_mc2": TaskSpec("TruthfulQA MC2: 817 questions, several correct options", truthfulqa.load_local, truthfulqa.load_hub),
-    "truthfulqa_gen": TaskSpec("TruthfulQA generation: 817 free-form questions with answer aliases", truthfulqa.load_local, truthfulqa.load_hub),
+    "truthfulqa_mc1": TaskSpec("TruthfulQA MC1: 817 questions, one correct option", *_TRUTHFULQA),
+    "truthfulqa_mc2": TaskSpec("TruthfulQA MC2: 817 questions, several correct options", *_TRUTHFULQA),
+    "truthfulqa_gen": TaskSpec("TruthfulQA generation: 817 free-form questions with answer aliases", *_TRUTHFULQA),
     "gsm8k": TaskSpec("GSM8K test: 1319 math word problems, numeric answers", gsm8k.load_local, gsm8k.load_hub),
     "aime2024": TaskSpec("AIME 2024 I+II: 30 problems, integer answers", aime.load_local, aime.load_hub),
     "aime2025": TaskSpec("AIME 2025 I+II: 30 problems, integer answers", aime.load_local, aime.load_hub),
-    "bbq": TaskSpec("BBQ, six categories interleaved: 3-option questions about a context", bbq.load_local, bbq.load_hub),
-    **{
-        task: TaskSpec(f"BBQ {category}: 3-option questions about a context", bbq.load_local, bbq.load_hub)
-        for task, category in bbq.CATEGORY_TASKS.items()
-    },
+    "bbq": TaskSpec("BBQ, six categories interleaved: 3-option questions about a context", *_BBQ),
+    **{task: TaskSpec(f"BBQ {category}: 3-option questions about a context", *_BBQ)
+       for task, category in bbq.CATEGORY_TASKS.items()},
 }
 LOCAL_TASK = local.TASK
 TASK_NAMES: tuple[str, ...] = (*TASKS, LOCAL_TASK)

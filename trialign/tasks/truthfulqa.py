@@ -116,7 +116,8 @@ def load_hub(task: str, seed: int) -> list[Item]:
         return [gen_item(task, index, row) for index, row in enumerate(rows)]
     rows = load_hub_rows(HUB_DATASET, "multiple_choice", "validation")
     targets_key = "mc1_targets" if task == "truthfulqa_mc1" else "mc2_targets"
-    return [
-        mc_item(task, index, row["question"], list(zip(row[targets_key]["choices"], row[targets_key]["labels"])), seed, {})
-        for index, row in enumerate(rows)
-    ]
+    items = []
+    for index, row in enumerate(rows):
+        targets = list(zip(row[targets_key]["choices"], row[targets_key]["labels"]))
+        items.append(mc_item(task, index, row["question"], targets, seed, {}))
+    return items
