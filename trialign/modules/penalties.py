@@ -1,0 +1,153 @@
+"""Inconsistency penalties: how much the current policy's answers to one item differ across groups.
+
+DESIGN.md "Inconsistency penalty". Inputs are over B *comparison units* (an item, or an item at one sample/turn —
+the caller chooses) × G groups:
+
+    option_logprobs [B, G, O]  answer-probe log-likelihood of each option under group g's state (with gradient)
+    option_mask     [B, O]     bool, valid options (items have different numbers of options)
+    gold_logprob    [B, G]     length-normalized log-probability of the gold answer (with gradient)
+    group_mask      [B, G]     bool, groups present for the unit
+    has_options     [B]        bool, True for option items
+
+* `JensenShannon`: generalized JSD with uniform weights of the G answer distributions
+  p_g = softmax over the valid options of option_logprobs[b, g]:  JSD = H(mean_g p_g) − mean_g H(p_g)
+  (natural log; 0 iff all groups agree, at most log G). Option items only.
+* `GoldLogProbVariance`: population variance (divide by the number of groups) across groups of the gold
+  log-probability. Free-form items by default; all items with `free_form_only=False`.
+* `GoldLogProbShortfall`: one-sided, mean_g relu(mean − x_g)²: only groups *below* the mean are penalized, so the
+  penalty never pushes a well-served group down.
+* `CombinedPenalty` (the default): one penalty for option items, another for free-form items.
+* `NoPenalty`: 0 (the "TriAlign without penalty" ablation).
+
+Each penalty is the mean of a per-unit value over the units it applies to that have at least two groups (a single
+group has nothing to disagree with); 0 when there are none. Padded entries (invalid options / groups) may hold
+anything, even NaN or −inf: they are replaced before any arithmetic so no NaN reaches the gradient.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+# Stand-in for −inf at padded positions: exp() of it is exactly 0 in fp32, yet sums of it stay finite.
+_MASKED = -1e9
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class InconsistencyPenalty(nn.Module, ABC):
+    """Base class: `forward(option_logprobs, option_mask, gold_logprob, group_mask, has_options) -> scalar`."""
+
+    @abstractmethod
+    def per_unit(self, option_logprobs: torch.Tensor, option_mask: torch.Tensor, gold_logprob: torch.Tensor,
+                 group_mask: torch.Tensor, has_options: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-unit penalty [B] (finite everywhere) and which units count [B] bool."""
+
+    def forward(self, option_logprobs: torch.Tensor, option_mask: torch.Tensor, gold_logprob: torch.Tensor,
+                group_mask: torch.Tensor, has_options: torch.Tensor) -> torch.Tensor:
+        """Mean penalty over the counted units (shapes in the module docstring); a scalar with gradient."""
+        batch, groups = gold_logprob.shape
+        if (option_logprobs.shape[:2] != (batch, groups) or option_mask.shape != (batch, option_logprobs.shape[2])
+                or group_mask.shape != (batch, groups) or has_options.shape != (batch,)):
+            raise ValueError(
+                "expected option_logprobs [B,G,O], option_mask [B,O], gold_logprob [B,G], group_mask [B,G], "
+                f"has_options [B], got {[tuple(t.shape) for t in (option_logprobs, option_mask, gold_logprob, group_mask, has_options)]}")
+        values, counted = self.per_unit(option_logprobs, option_mask.bool(), gold_logprob, group_mask.bool(),
+                                        has_options.bool())
+        total = torch.where(counted, values, torch.zeros_like(values)).sum()
+        return total / counted.sum().clamp(min=1).to(total.dtype)
+
+
+class JensenShannon(InconsistencyPenalty):
+    """Generalized Jensen–Shannon divergence of the groups' answer distributions (option items)."""
+
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+        valid = option_mask[:, None, :].expand_as(option_logprobs)
+        x = torch.where(valid, _float(option_logprobs), torch.full_like(_float(option_logprobs), _MASKED))
+        x = x.clamp(min=_MASKED)  # a valid option at −inf (probability 0) stays finite
+        log_p = torch.log_softmax(x, dim=-1)  # [B, G, O]
+        p = log_p.exp()
+        entropy = -torch.where(valid, p * log_p, torch.zeros_like(p)).sum(-1)  # [B, G]
+        groups = group_mask.sum(-1)  # [B]
+        n = groups.clamp(min=1).to(x.dtype)
+        mean_entropy = torch.where(group_mask, entropy, torch.zeros_like(entropy)).sum(-1) / n
+        # log of the mixture m = mean_g p_g, in log space so it never takes log(0).
+        log_p_present = torch.where(group_mask[:, :, None], log_p, torch.full_like(log_p, _MASKED))
+        log_m = torch.logsumexp(log_p_present, dim=1) - torch.log(n)[:, None]  # [B, O]
+        mixture_entropy = -torch.where(option_mask, log_m.exp() * log_m, torch.zeros_like(log_m)).sum(-1)
+        return mixture_entropy - mean_entropy, has_options & (groups >= 2)
+
+
+def _group_moments(gold_logprob: torch.Tensor, group_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """Masked values [B, G] (0 at absent groups), per-unit mean [B] and group counts [B]."""
+    x = torch.where(group_mask, _float(gold_logprob), torch.zeros_like(_float(gold_logprob)))
+    groups = group_mask.sum(-1)
+    mean = x.sum(-1) / groups.clamp(min=1).to(x.dtype)
+    return x, mean, groups
+
+
+class GoldLogProbVariance(InconsistencyPenalty):
+    """Variance across groups of the length-normalized gold log-probability.
+
+    Args:
+        free_form_only: apply to free-form items only (True) or to every item (False).
+    """
+
+    def __init__(self, free_form_only: bool = True):
+        super().__init__()
+        self.free_form_only = free_form_only
+
+    def _applies(self, has_options: torch.Tensor) -> torch.Tensor:
+        return ~has_options if self.free_form_only else torch.ones_like(has_options)
+
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+        x, mean, groups = _group_moments(gold_logprob, group_mask)
+        squared = torch.where(group_mask, (x - mean[:, None]) ** 2, torch.zeros_like(x))
+        return squared.sum(-1) / groups.clamp(min=1).to(x.dtype), self._applies(has_options) & (groups >= 2)
+
+
+class GoldLogProbShortfall(GoldLogProbVariance):
+    """One-sided: mean over groups of relu(mean − x_g)², penalizing only groups below the mean.
+
+    Args:
+        free_form_only: apply to free-form items only (True) or to every item (False).
+    """
+
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+        x, mean, groups = _group_moments(gold_logprob, group_mask)
+        shortfall = torch.where(group_mask, torch.relu(mean[:, None] - x) ** 2, torch.zeros_like(x))
+        return shortfall.sum(-1) / groups.clamp(min=1).to(x.dtype), self._applies(has_options) & (groups >= 2)
+
+
+class CombinedPenalty(InconsistencyPenalty):
+    """`options` on option items, `free_form` on free-form items, averaged together over all counted units.
+
+    Args:
+        options: penalty for option items (default `JensenShannon()`).
+        free_form: penalty for free-form items (default `GoldLogProbVariance()`).
+    """
+
+    def __init__(self, options: InconsistencyPenalty | None = None, free_form: InconsistencyPenalty | None = None):
+        super().__init__()
+        self.options = options if options is not None else JensenShannon()
+        self.free_form = free_form if free_form is not None else GoldLogProbVariance()
+
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+        args = (option_logprobs, option_mask, gold_logprob, group_mask, has_options)
+        option_values, option_counted = self.options.per_unit(*args)
+        free_values, free_counted = self.free_form.per_unit(*args)
+        values = torch.where(has_options, option_values, free_values.to(option_values.dtype))
+        return values, torch.where(has_options, option_counted, free_counted)
+
+
+class NoPenalty(InconsistencyPenalty):
+    """Always 0 (in the inputs' floating dtype and device)."""
+
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+        zeros = torch.zeros(has_options.shape, dtype=_float(gold_logprob).dtype, device=gold_logprob.device)
+        return zeros, torch.zeros_like(has_options)
