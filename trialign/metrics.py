@@ -8,7 +8,8 @@ so states from several batches, ``merge_state`` or DDP ranks simply add up; ``fu
 chosen where the paper is silent (NaN for a zero denominator, population std, the Nash-welfare floor ``eps``).
 
 Every ``update`` takes ``[B, G]`` inputs: B items of a batch × the G groups named in ``group_names``, in that
-order. `audit_metrics` bundles the metrics into a `MetricCollection` whose ``update`` takes them all as keywords,
+order. (As everywhere in torchmetrics, ``compute`` squeezes one-element results, so a ``[G]`` result is 0-d
+when G = 1.) `audit_metrics` bundles the metrics into a `MetricCollection` whose ``update`` takes them all as keywords,
 and `flatten_results` turns its output into flat ``name/<group>`` floats for TensorBoard tags and JSON.
 """
 
@@ -338,10 +339,15 @@ def audit_metrics(
     return MetricCollection(metrics)
 
 
+PER_GROUP_RESULTS = ("acc", "breakage", "flip", "personalization")
+"""Keys of `audit_metrics` results that hold one value per group (torchmetrics squeezes them to 0-d when G = 1)."""
+
+
 def flatten_results(results: Mapping[str, Any], group_names: Sequence[str]) -> dict[str, float]:
     """Flat ``{name: float}`` from metric outputs: a ``[G]`` value ``v`` under key ``k`` becomes ``k/<group>``.
 
-    Scalars keep their key; nested dicts (a metric's dict output) are merged in. E.g. ``{"acc": tensor([.5, .7]),
+    A value is per-group when it is 1-d or its key is in `PER_GROUP_RESULTS`; other scalars keep their key;
+    nested dicts (a metric's dict output) are merged in. E.g. ``{"acc": tensor([.5, .7]),
     "acc_gap": tensor(.2)}`` with groups ``("a", "b")`` → ``{"acc/a": .5, "acc/b": .7, "acc_gap": .2}``.
     """
     names = check_group_names(group_names)
@@ -351,10 +357,11 @@ def flatten_results(results: Mapping[str, Any], group_names: Sequence[str]) -> d
             flat.update(flatten_results(value, names))
             continue
         array = np.asarray(value.detach().cpu() if isinstance(value, Tensor) else value, dtype=np.float64)
-        if array.ndim == 0:
+        per_group = array.ndim == 1 or key in PER_GROUP_RESULTS
+        if per_group and array.size == len(names) and array.ndim <= 1:
+            flat.update({f"{key}/{name}": float(v) for name, v in zip(names, array.reshape(-1))})
+        elif not per_group and array.ndim == 0:
             flat[key] = float(array)
-        elif array.shape == (len(names),):
-            flat.update({f"{key}/{name}": float(v) for name, v in zip(names, array)})
         else:
             raise TriAlignError(
                 f"results[{key!r}]: expected a scalar or one value per group ({len(names)}), got shape {array.shape}"
