@@ -96,8 +96,15 @@ class Item:
         if not norm:
             return False
         accepted = {normalize_text(a) for a in (str(self.gold), *self.aliases)} - {""}
-        # An alias matches when it equals the answer or appears in it as whole words.
-        return any(norm == a or re.search(rf"\b{re.escape(a)}\b", norm) for a in accepted)
+        rejected = {normalize_text(a) for a in self.incorrect_aliases} - {""} - accepted
+        if norm in accepted:
+            return True
+        if norm in rejected:
+            return False
+        # An alias matches when it appears in the answer as whole words, unless a known wrong answer appears too:
+        # "people think X, but it is actually Y" must not count as X.
+        mentions = lambda aliases: any(re.search(rf"\b{re.escape(a)}\b", norm) for a in aliases)
+        return mentions(accepted) and not mentions(rejected)
 
     def canonical_answer(self, answer: int | str | None) -> str:
         """A string that is equal for two answers iff they count as the same answer (for consistency metrics)."""
