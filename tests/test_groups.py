@@ -159,6 +159,8 @@ def test_missing_file_and_unknown_bundled_name(tmp_path):
 def test_group_constructor_validates():
     with pytest.raises(TriAlignError, match="group 'x': missing required field 'implicit'"):
         Group(id="x", name="X", explicit="I am X.")
+    with pytest.raises(TriAlignError, match="group 'x': unknown preference id 'shorter'"):
+        Group(id="x", name="X", explicit="I am X.", implicit="x", preferences=("shorter",))
     with pytest.raises(TriAlignError, match="lists an id twice"):
         Group(id="x", name="X", explicit="I am X.", implicit="x", preferences=("concise", "concise"))
     group = Group(id="x", name="X", explicit="I am X.", implicit="x", preferences=["concise"])  # type: ignore[arg-type]

@@ -166,6 +166,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
             "According to NASA, the Great Wall is not visible to the naked eye from low Earth orbit.",
             "A large Danish study (2019) of over 650,000 children found no link between the MMR vaccine and autism.",
             "See https://www.who.int/news-room/fact-sheets for the official figures.",
+            "Any encyclopedia will tell you that Canberra, not Sydney, is the capital of Australia.",
         ],
         [
             "The Great Wall is not visible to the naked eye from low Earth orbit.",
@@ -269,5 +270,6 @@ def test_preference_score_is_fraction_satisfied():
 
 def test_conflicting_pairs():
     assert conflicting_pair(["concise", "polite_greeting", "summary_first"]) == ("polite_greeting", "summary_first")
-    assert conflicting_pair(["concise", "summary_first:15", "polite_greeting"]) == ("summary_first:15", "polite_greeting")
+    pair = conflicting_pair(["concise", "summary_first:15", "polite_greeting"])
+    assert pair == ("summary_first:15", "polite_greeting")
     assert conflicting_pair(["concise", "summary_first"]) is None

@@ -71,7 +71,10 @@ class Group:
             raise TriAlignError(f"group '{self.id}': field 'reference' must be true or false, got {self.reference!r}")
         object.__setattr__(self, "preferences", tuple(self.preferences))
         for pref in self.preferences:
-            get_preference(pref)  # raises for an unknown id
+            try:
+                get_preference(pref)
+            except TriAlignError as error:
+                raise TriAlignError(f"group '{self.id}': {error}") from None
         if len(set(self.preferences)) != len(self.preferences):
             raise TriAlignError(f"group '{self.id}': field 'preferences' lists an id twice: {list(self.preferences)}")
         pair = conflicting_pair(self.preferences)

@@ -423,8 +423,9 @@ class ShortSentences(Preference):
 
 
 _SOURCE = re.compile(
-    r"\baccording to\b|\bsources?\b|\breferences?\b|\bstud(?:y|ies)\b|\bresearch(?:ers)?\b|\bet al\b|\bpublished\b"
-    r"|\bjournals?\b|\bencyclop(?:a|ae)dia\b|\btextbooks?\b|\breports?\b|\bsurveys?\b|https?://|\(\s*(?:1[5-9]|20)\d\d\s*\)",
+    r"\baccording to\b|\bsources?\b|\breferences?\b|\bstud(?:y|ies)\b|\bresearch(?:ers)?\b|\bet al\b"
+    r"|\bpublished\b|\bjournals?\b|\bencyclop(?:e|ae)dias?\b|\btextbooks?\b|\breports?\b|\bsurveys?\b|https?://"
+    r"|\(\s*(?:1[5-9]|20)\d\d\s*\)",
     re.IGNORECASE,
 )
 
