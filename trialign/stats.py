@@ -1,0 +1,143 @@
+"""Bootstrap confidence intervals over items (DESIGN.md, "Metrics": every reported number comes with a CI).
+
+`bootstrap_ci` is the plain *percentile* bootstrap (Efron & Tibshirani 1993, ch. 13): resample the N items with
+replacement, recompute the statistic on each resample, and report the ``(1 − confidence)/2`` and
+``(1 + confidence)/2`` quantiles of the resampled values (NumPy's default linear interpolation) around the
+statistic on the full data. Items — not (item, group) pairs — are the resampling unit, because the groups of one
+item are coupled (consistency and breakage compare them). No bias correction or acceleration (BCa): the audit
+statistics are rates and means, for which the percentile interval is the customary choice.
+
+All resample indices are drawn at once as an ``[n_resamples, N]`` integer array from
+``numpy.random.default_rng(seed)``, so the result is a pure function of the data and the seed. With
+``vectorized=True`` the statistic sees many resamples per call (leading axis); the functions in
+`trialign.functional` support that directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from trialign.errors import TriAlignError, require
+
+SCALAR_KEY = "value"
+"""Result key used when the statistic returns a single number instead of a dict."""
+
+_MAX_ELEMENTS_PER_CHUNK = 1 << 24
+"""Vectorized mode evaluates resamples in chunks of at most this many gathered data elements (~64-128 MB)."""
+
+
+def _as_float_dict(value: Any, where: str) -> dict[str, float]:
+    items = value.items() if isinstance(value, Mapping) else [(SCALAR_KEY, value)]
+    out: dict[str, float] = {}
+    for key, v in items:
+        array = np.asarray(_to_numpy(v), dtype=np.float64)
+        if array.size != 1:
+            raise TriAlignError(f"statistic: expected a number for {key!r} {where}, got shape {array.shape}")
+        out[str(key)] = float(array.reshape(()))
+    return out
+
+
+def _to_numpy(value: Any) -> Any:
+    # torch tensors (possibly on a GPU) come back from the functional metrics; avoid importing torch here.
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        return value.detach().cpu().numpy()
+    return value
+
+
+def _as_array_dict(value: Any, count: int) -> dict[str, np.ndarray]:
+    items = value.items() if isinstance(value, Mapping) else [(SCALAR_KEY, value)]
+    out: dict[str, np.ndarray] = {}
+    for key, v in items:
+        array = np.asarray(_to_numpy(v), dtype=np.float64)
+        if array.shape != (count,):
+            raise TriAlignError(
+                f"statistic: with vectorized=True expected one value per resample, shape ({count},), "
+                f"for {key!r}, got {array.shape}"
+            )
+        out[str(key)] = array
+    return out
+
+
+def resample_indices(num_items: int, n_resamples: int, seed: int) -> np.ndarray:
+    """The ``[n_resamples, num_items]`` item indices (drawn with replacement) used by `bootstrap_ci`."""
+    return np.random.default_rng(seed).integers(0, num_items, size=(n_resamples, num_items))
+
+
+def bootstrap_ci(
+    statistic: Callable[[dict[str, np.ndarray]], float | Mapping[str, float]],
+    data: Mapping[str, np.ndarray],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    *,
+    vectorized: bool = False,
+) -> dict[str, tuple[float, float, float]]:
+    """Percentile-bootstrap CIs over items: ``{name: (point, low, high)}``.
+
+    Args:
+        statistic: maps a dict of arrays (same keys as `data`, first axis = items) to a number or a dict of
+            numbers (0-d tensors are fine). A single number is reported under the key ``"value"``.
+        data: arrays whose first axis indexes the same N >= 1 items (e.g. ``correct`` [N, G]).
+        n_resamples: number of bootstrap resamples.
+        confidence: coverage of the interval, in (0, 1).
+        seed: seed of the resampling; equal seeds give equal intervals.
+        vectorized: call `statistic` on a chunk of resamples at once: it then gets arrays ``[R, N, ...]`` and must
+            return one value per resample (shape ``[R]``, or a dict of them).
+
+    ``point`` is the statistic on the full data; ``low``/``high`` are the percentile interval of the resampled
+    statistics. Resamples on which a value is NaN (e.g. a rate whose denominator happens to be empty) are left out
+    of that value's quantiles; if all are NaN, the bounds are NaN.
+    """
+    require(isinstance(data, Mapping) and len(data) > 0, "data: expected a non-empty dict of arrays")
+    arrays = {str(key): np.asarray(value) for key, value in data.items()}
+    sizes = {key: (array.shape[0] if array.ndim else None) for key, array in arrays.items()}
+    num_items = next(iter(sizes.values()))
+    require(
+        num_items is not None and num_items >= 1 and all(size == num_items for size in sizes.values()),
+        f"data: expected arrays sharing a first (item) axis of length >= 1, got lengths {sizes}",
+    )
+    require(int(n_resamples) >= 1, f"n_resamples: expected >= 1, got {n_resamples}")
+    require(0.0 < confidence < 1.0, f"confidence: expected a number in (0, 1), got {confidence}")
+
+    point = _as_float_dict(statistic(arrays), "on the full data")
+    indices = resample_indices(num_items, int(n_resamples), seed)
+    if vectorized:
+        resampled = _vectorized_values(statistic, arrays, indices)
+    else:
+        rows = [_as_float_dict(statistic({k: a[row] for k, a in arrays.items()}), "on a resample") for row in indices]
+        resampled = {key: np.array([row[key] for row in rows], dtype=np.float64) for key in point}
+    require(
+        set(resampled) == set(point),
+        f"statistic: returned keys {sorted(resampled)} on resamples but {sorted(point)} on the full data",
+    )
+
+    tail = (1.0 - confidence) / 2.0
+    out: dict[str, tuple[float, float, float]] = {}
+    for key, value in point.items():
+        values = resampled[key]
+        if np.isnan(values).all():
+            low = high = float("nan")
+        else:
+            low, high = (float(q) for q in np.nanquantile(values, [tail, 1.0 - tail]))
+        out[key] = (value, low, high)
+    return out
+
+
+def _vectorized_values(
+    statistic: Callable[[dict[str, np.ndarray]], Any], arrays: dict[str, np.ndarray], indices: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The statistic on every resample, evaluated chunk by chunk on ``[R, N, ...]`` gathered arrays."""
+    elements_per_resample = sum(max(array.size, 1) for array in arrays.values())
+    chunk = max(1, _MAX_ELEMENTS_PER_CHUNK // elements_per_resample)
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, indices.shape[0], chunk):
+        rows = indices[start : start + chunk]
+        parts.append(_as_array_dict(statistic({k: a[rows] for k, a in arrays.items()}), rows.shape[0]))
+    require(
+        all(set(part) == set(parts[0]) for part in parts),
+        "statistic: returned different keys on different chunks of resamples",
+    )
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
