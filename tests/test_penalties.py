@@ -145,3 +145,11 @@ def test_no_penalty_is_zero_in_input_dtype():
 def test_empty_selection_is_zero():
     x, om, gold, gm, has = _option_batch(np.zeros((2, 3, 2)))
     assert JensenShannon()(x, om, gold, gm, torch.zeros(2, dtype=torch.bool)).item() == 0.0
+
+
+def test_mismatched_shapes_are_reported():
+    x, om, gold, gm, has = _option_batch(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="option_mask"):
+        JensenShannon()(x, om[:, :3], gold, gm, has)
+    with pytest.raises(ValueError, match="option_logprobs"):
+        JensenShannon()(x[:, :, 0], om, gold, gm, has)

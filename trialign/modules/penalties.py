@@ -50,12 +50,13 @@ class InconsistencyPenalty(nn.Module, ABC):
     def forward(self, option_logprobs: torch.Tensor, option_mask: torch.Tensor, gold_logprob: torch.Tensor,
                 group_mask: torch.Tensor, has_options: torch.Tensor) -> torch.Tensor:
         """Mean penalty over the counted units (shapes in the module docstring); a scalar with gradient."""
-        batch, groups = gold_logprob.shape
-        if (option_logprobs.shape[:2] != (batch, groups) or option_mask.shape != (batch, option_logprobs.shape[2])
-                or group_mask.shape != (batch, groups) or has_options.shape != (batch,)):
-            raise ValueError(
-                "expected option_logprobs [B,G,O], option_mask [B,O], gold_logprob [B,G], group_mask [B,G], "
-                f"has_options [B], got {[tuple(t.shape) for t in (option_logprobs, option_mask, gold_logprob, group_mask, has_options)]}")
+        tensors = (option_logprobs, option_mask, gold_logprob, group_mask, has_options)
+        shapes = [tuple(t.shape) for t in tensors]
+        if option_logprobs.dim() != 3 or not (
+                shapes[1] == (shapes[0][0], shapes[0][2]) and shapes[2] == shapes[3] == shapes[0][:2]
+                and shapes[4] == shapes[0][:1]):
+            raise ValueError("expected option_logprobs [B,G,O], option_mask [B,O], gold_logprob [B,G], "
+                             f"group_mask [B,G], has_options [B], got {shapes}")
         values, counted = self.per_unit(option_logprobs, option_mask.bool(), gold_logprob, group_mask.bool(),
                                         has_options.bool())
         total = torch.where(counted, values, torch.zeros_like(values)).sum()
