@@ -451,6 +451,8 @@ def test_missing_data_file_is_named(data_copy):
 
 
 def test_alias_answer_that_also_states_a_known_wrong_answer_is_not_correct():
+    from trialign.tasks import Item
+
     item = Item(id="t/1", task="t", question="Why do veins look blue?", gold="Because of how light penetrates skin",
                 answer_type="alias", aliases=("light penetrates skin",),
                 incorrect_aliases=("deoxygenated blood is blue",))
