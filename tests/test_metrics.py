@@ -294,8 +294,8 @@ def test_zero_denominators_give_nan_and_reference_slot_zero():
     assert torch.isnan(result["breakage_mean"])
 
     flips = FlipRate(GROUPS)
-    before = torch.tensor([[0, 0, 0], [1, 1, 1]])
-    flips.update(before, torch.tensor([[1, 0, 0], [1, 1, 1]]), torch.tensor([[True, False, False], [True, False, False]]))
+    before, after = torch.tensor([[0, 0, 0], [1, 1, 1]]), torch.tensor([[1, 0, 0], [1, 1, 1]])
+    flips.update(before, after, torch.tensor([[True, False, False], [True, False, False]]))
     result = flips.compute()
     close(result["flip"], [0.5, math.nan, math.nan])
     close(result["flip_mean"], 0.5)
