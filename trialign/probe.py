@@ -1,0 +1,402 @@
+"""The answer probe: read the answer a message commits to by appending "Final answer:" and scoring the options.
+
+DESIGN.md: after an assistant message the environment appends ``"Final answer:"``; items with options are answered
+by the option with the highest log-likelihood, free-form items by a short greedy decode. The paper only says the
+answer is "verified"; this probe is our concrete reading, following lm-evaluation-harness conventions:
+
+* continuation = target delimiter ``" "`` + option text; trailing whitespace of the context moves into the
+  continuation, and ``continuation_enc = encode(context + continuation)[len(encode(context)):]`` (lm-eval's
+  ``_encode_pair``); the model scores ``context_enc + continuation_enc``;
+* ``acc`` picks the argmax of the summed continuation log-likelihood, ``acc_norm`` the argmax of log-likelihood
+  divided by the option's length in characters.
+
+Speed (the probe runs on every turn of every rollout and evaluation, on CPU): each distinct context is run once,
+left-padded in length-sorted batches, keeping only the last position's logits (the output head over a 49k vocabulary
+costs as much as several layers); its KV cache is then gathered per (context, option) row and all options of a batch
+run in one forward with right-padded option tokens. The first option token is scored from the context's last logit,
+so an option's own forward only needs its tokens but the last. ``share_prefix=False`` instead runs each
+(context, option) pair in full, still batched, for models whose cache cannot be gathered by batch index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from trialign.errors import TriAlignError
+from trialign.tasks.item import Item
+
+TARGET_DELIMITER = " "
+"""Put between the context and an option (lm-eval's ``target_delimiter``)."""
+
+_CHAT_ROLES = ("system", "user", "assistant")
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def render_context(
+    tokenizer, messages: list[dict[str, str]], response: str | None = None, answer_prefix: str = "Final answer:"
+) -> str:
+    """The probe's context: `messages` in the chat template, then an open assistant turn holding `response` (if any),
+    a newline and `answer_prefix`. The assistant turn is left open so the model continues it with the answer."""
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in _CHAT_ROLES or "content" not in message:
+            raise TriAlignError(
+                f"messages[{index}]: expected a dict with 'role' in {list(_CHAT_ROLES)} and 'content', got {message!r}"
+            )
+    if not getattr(tokenizer, "chat_template", None):
+        raise TriAlignError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: has no chat template to render the probe context")
+    prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    turn = answer_prefix if response is None else f"{response}\n{answer_prefix}"
+    return prompt + turn
+
+
+@dataclass
+class OptionScores:
+    """Log-likelihoods of one context's options."""
+
+    logliks: list[float]
+    """Sum of the continuation tokens' log-probabilities, per option."""
+    num_tokens: list[int]
+    """Number of continuation tokens, per option."""
+    num_chars: list[int]
+    """Length of the option text in characters (without the delimiter), per option; the ``acc_norm`` divisor."""
+
+    @property
+    def acc_choice(self) -> int:
+        """Option with the highest log-likelihood (lm-eval ``acc``); the first one on ties."""
+        return max(range(len(self.logliks)), key=self.logliks.__getitem__)
+
+    @property
+    def acc_norm_choice(self) -> int:
+        """Option with the highest log-likelihood per character (lm-eval ``acc_norm``); the first one on ties."""
+        normalized = self._normalized()
+        return max(range(len(normalized)), key=normalized.__getitem__)
+
+    def probs(self, normalized: bool = False) -> list[float]:
+        """Softmax over options of the log-likelihoods (per character when `normalized`): the probe's answer
+        distribution p_g(option | s_g), compared across groups by the Jensen–Shannon inconsistency penalty."""
+        scores = self._normalized() if normalized else self.logliks
+        top = max(scores)
+        weights = [math.exp(score - top) for score in scores]
+        total = sum(weights)
+        return [weight / total for weight in weights]
+
+    def _normalized(self) -> list[float]:
+        return [loglik / chars for loglik, chars in zip(self.logliks, self.num_chars)]
+
+
+@dataclass
+class ProbeResult:
+    """What the probe reads from one context."""
+
+    answer: str
+    """The chosen option index as text for option items, else the stripped short answer."""
+    correct: bool
+    """Whether `answer` is correct (`Item.is_correct`)."""
+    option_logprobs: list[float]
+    """Summed log-likelihood of each option (unnormalized); ``[]`` for free-form items."""
+    gold_logprob: float
+    """Log-likelihood of the gold continuation per token (the gold option, or the gold text of free-form items)."""
+
+
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Dropout off while probing; the caller's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] without materializing the full log-softmax (logits are vocab-sized)."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: real tokens count from 0 as if unpadded."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class AnswerProbe:
+    """Scores options and decodes short answers after a probe context (see `render_context`)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        batch_size: int = 32,
+        normalization: str = "none",
+        max_new_tokens: int = 24,
+        share_prefix: bool = True,
+        autocast: bool = False,
+        progress: bool = False,
+    ):
+        """`batch_size` bounds the sequences in one forward pass (contexts, or (context, option) rows).
+        `normalization` picks the answer: ``"none"`` (lm-eval ``acc``) or ``"chars"`` (``acc_norm``).
+        `autocast` runs the forwards under bfloat16 autocast (faster on accelerators; results then differ by more
+        than the 1e-4 the fp32 path guarantees)."""
+        if normalization not in ("none", "chars"):
+            raise TriAlignError(f"probe normalization: expected 'none' or 'chars', got {normalization!r}")
+        if batch_size < 1:
+            raise TriAlignError(f"probe batch_size: expected a positive integer, got {batch_size}")
+        if max_new_tokens < 1:
+            raise TriAlignError(f"probe max_new_tokens: expected a positive integer, got {max_new_tokens}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.normalization = normalization
+        self.max_new_tokens = max_new_tokens
+        self.share_prefix = share_prefix
+        self.autocast = autocast
+        self.progress = progress
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+        self._newline_ids: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, **inputs):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model(**inputs)
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def _encode_pairs(
+        self, contexts: Sequence[str], options: Sequence[Sequence[str]]
+    ) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """lm-eval's `_encode_pair`: trailing context whitespace joins the continuation; the continuation's tokens
+        are those of context + continuation after the context's own tokens."""
+        if len(contexts) != len(options):
+            raise TriAlignError(f"score_options: got {len(contexts)} contexts but {len(options)} option lists")
+        trimmed, wholes = [], []
+        for index, (context, opts) in enumerate(zip(contexts, options)):
+            if not opts:
+                raise TriAlignError(f"score_options: context {index} has no options to score")
+            stripped = context.rstrip()
+            trimmed.append(stripped)
+            for number, option in enumerate(opts):
+                if not option:
+                    raise TriAlignError(f"score_options: option {number} of context {index} is empty")
+                wholes.append(context + TARGET_DELIMITER + option)
+        context_ids = self._encode(trimmed)
+        whole_ids = iter(self._encode(wholes))
+        continuation_ids = []
+        for index, (ids, opts) in enumerate(zip(context_ids, options)):
+            if not ids:
+                raise TriAlignError(f"score_options: context {index} is empty after tokenization")
+            rows = [next(whole_ids)[len(ids) :] for _ in opts]
+            if any(not row for row in rows):
+                raise TriAlignError(f"score_options: an option of context {index} adds no tokens to the context")
+            continuation_ids.append(rows)
+        return context_ids, continuation_ids
+
+    def score_options(self, contexts: Sequence[str], options: Sequence[Sequence[str]]) -> list[OptionScores]:
+        """Log-likelihood of each option after its context, in the order given."""
+        context_ids, continuation_ids = self._encode_pairs(contexts, options)
+        logliks = [[0.0] * len(rows) for rows in continuation_ids]
+        with torch.inference_mode(), _eval_mode(self.model):
+            if self.share_prefix:
+                self._score_shared(context_ids, continuation_ids, logliks)
+            else:
+                self._score_full(context_ids, continuation_ids, logliks)
+        return [
+            OptionScores(logliks=values, num_tokens=[len(row) for row in rows], num_chars=[len(option) for option in opts])
+            for values, rows, opts in zip(logliks, continuation_ids, options)
+        ]
+
+    def _context_batches(self, context_ids: list[list[int]]) -> list[list[list[int]]]:
+        """Batches of distinct contexts, longest first (peak memory comes at once) so a batch holds similar lengths.
+        Each entry lists the indices of all contexts with those tokens: a repeated context runs once."""
+        same: dict[tuple[int, ...], list[int]] = {}
+        for index, ids in enumerate(context_ids):
+            same.setdefault(tuple(ids), []).append(index)
+        groups = sorted(same.values(), key=lambda group: -len(context_ids[group[0]]))
+        return [groups[i : i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
+
+    def _score_shared(self, context_ids, continuation_ids, logliks) -> None:
+        for batch in tqdm(self._context_batches(context_ids), desc="probe", unit="batch", disable=not self.progress):
+            ids, mask = _left_pad([context_ids[group[0]] for group in batch], self.pad_id, self.device)
+            out = self._forward(
+                input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1
+            )
+            last_logits = out.logits[:, -1, :]
+            cache = out.past_key_values
+            # rows: (row of the batch, context index, option index).
+            rows = [(b, c, o) for b, group in enumerate(batch) for c in group for o in range(len(continuation_ids[c]))]
+            first = torch.tensor([continuation_ids[c][o][0] for _, c, o in rows], device=self.device)
+            batch_rows = torch.tensor([b for b, _, _ in rows], device=self.device)
+            first_logprobs = _continuation_logprobs(last_logits[batch_rows], first).tolist()
+            totals = dict(zip([(c, o) for _, c, o in rows], first_logprobs))
+            # Options of one token are done; the rest run their tokens but the last on top of the context cache,
+            # sorted by length so that a forward pass holds options of similar length.
+            longer = sorted((r for r in rows if len(continuation_ids[r[1]][r[2]]) > 1),
+                            key=lambda r: len(continuation_ids[r[1]][r[2]]))
+            context_lengths = mask.sum(-1)
+            for start in range(0, len(longer), self.batch_size):
+                chunk = longer[start : start + self.batch_size]
+                select = torch.tensor([b for b, _, _ in chunk], device=self.device)
+                tokens = [continuation_ids[c][o] for _, c, o in chunk]
+                option_ids, option_mask = _right_pad([t[:-1] for t in tokens], self.pad_id, self.device)
+                targets, _ = _right_pad([t[1:] for t in tokens], self.pad_id, self.device)
+                gathered = DynamicCache(
+                    [(keys.index_select(0, select), values.index_select(0, select)) for keys, values, *_ in cache],
+                    config=self.model.config,
+                )
+                steps = torch.arange(option_ids.shape[1], device=self.device)
+                out = self._forward(
+                    input_ids=option_ids,
+                    attention_mask=torch.cat([mask.index_select(0, select), option_mask], dim=1),
+                    position_ids=context_lengths.index_select(0, select)[:, None] + steps[None, :],
+                    past_key_values=gathered,
+                    use_cache=True,
+                )
+                token_logprobs = _continuation_logprobs(out.logits, targets) * option_mask
+                for (_, c, o), value in zip(chunk, token_logprobs.sum(-1).tolist()):
+                    totals[(c, o)] += value
+            for (c, o), value in totals.items():
+                logliks[c][o] = value
+
+    def _score_full(self, context_ids, continuation_ids, logliks) -> None:
+        """Each (context, option) as one left-padded sequence of context + continuation but its last token; the last
+        `len(continuation)` positions predict the continuation, so only those logits are computed."""
+        pairs = [(c, o) for c, rows in enumerate(continuation_ids) for o in range(len(rows))]
+        pairs.sort(key=lambda p: -(len(context_ids[p[0]]) + len(continuation_ids[p[0]][p[1]])))
+        for start in tqdm(range(0, len(pairs), self.batch_size), desc="probe", unit="batch", disable=not self.progress):
+            chunk = pairs[start : start + self.batch_size]
+            tokens = [continuation_ids[c][o] for c, o in chunk]
+            ids, mask = _left_pad([context_ids[c] + t[:-1] for (c, _), t in zip(chunk, tokens)], self.pad_id, self.device)
+            keep = max(len(t) for t in tokens)
+            out = self._forward(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=keep)
+            # Right-align targets under the kept logits (sequences end together with left padding).
+            targets = torch.full((len(chunk), keep), self.pad_id, dtype=torch.long)
+            target_mask = torch.zeros((len(chunk), keep))
+            for row, t in enumerate(tokens):
+                targets[row, keep - len(t) :] = torch.tensor(t)
+                target_mask[row, keep - len(t) :] = 1
+            token_logprobs = _continuation_logprobs(out.logits, targets.to(self.device)) * target_mask.to(self.device)
+            for (c, o), value in zip(chunk, token_logprobs.sum(-1).tolist()):
+                logliks[c][o] = value
+
+    def _stop_ids(self) -> torch.Tensor:
+        """Token ids that end a short answer: end of sequence / end of turn, and every token containing a newline."""
+        if self._newline_ids is None:
+            stops = {self.tokenizer.eos_token_id}
+            configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+            stops.update(configured if isinstance(configured, (list, tuple)) else [configured])
+            for token in _END_OF_TURN_TOKENS:
+                token_id = self.tokenizer.convert_tokens_to_ids(token)
+                if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                    stops.add(token_id)
+            pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            stops.update(i for i, piece in enumerate(pieces) if "\n" in piece)
+            self._newline_ids = torch.tensor(sorted(i for i in stops if i is not None), dtype=torch.long)
+        return self._newline_ids.to(self.device)
+
+    def decode_short(self, contexts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy short answers, batched with left padding; each stops at end of sequence or a newline. Returns the
+        text before the first newline, stripped."""
+        steps = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if steps < 1:
+            raise TriAlignError(f"decode_short max_new_tokens: expected a positive integer, got {steps}")
+        context_ids = self._encode(contexts)
+        for index, ids in enumerate(context_ids):
+            if not ids:
+                raise TriAlignError(f"decode_short: context {index} is empty after tokenization")
+        answers = [""] * len(contexts)
+        stop_ids = self._stop_ids()
+        with torch.inference_mode(), _eval_mode(self.model):
+            batches = self._context_batches(context_ids)
+            for batch in tqdm(batches, desc="decode", unit="batch", disable=not self.progress):
+                ids, mask = _left_pad([context_ids[group[0]] for group in batch], self.pad_id, self.device)
+                positions = _positions(mask)
+                out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                    logits_to_keep=1)
+                generated: list[list[int]] = [[] for _ in batch]
+                done = torch.zeros(len(batch), dtype=torch.bool, device=self.device)
+                position = positions[:, -1:]
+                for step in range(steps):
+                    token = out.logits[:, -1, :].argmax(-1)
+                    for row, value in enumerate(token.tolist()):
+                        if not done[row]:
+                            generated[row].append(value)
+                    done |= torch.isin(token, stop_ids)
+                    if bool(done.all()) or step == steps - 1:
+                        break
+                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                    position = position + 1
+                    out = self._forward(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                for group, text in zip(batch, texts):
+                    for index in group:
+                        answers[index] = text.split("\n", 1)[0].strip()
+        return answers
+
+    def answer(self, items: Sequence[Item], contexts: Sequence[str]) -> list[ProbeResult]:
+        """The probe's reading of each (item, context): option items by log-likelihood (per character when
+        ``normalization="chars"``), free-form items by a short greedy decode; plus the gold answer's per-token
+        log-likelihood for the inconsistency penalty."""
+        if len(items) != len(contexts):
+            raise TriAlignError(f"probe answer: got {len(items)} items but {len(contexts)} contexts")
+        results: list[ProbeResult | None] = [None] * len(items)
+        with_options = [i for i, item in enumerate(items) if item.has_options]
+        free_form = [i for i, item in enumerate(items) if not item.has_options]
+        scores = self.score_options([contexts[i] for i in with_options], [list(items[i].options) for i in with_options])
+        for index, score in zip(with_options, scores):
+            item = items[index]
+            choice = score.acc_norm_choice if self.normalization == "chars" else score.acc_choice
+            gold = int(item.gold)
+            results[index] = ProbeResult(
+                answer=str(choice),
+                correct=item.is_correct(choice),
+                option_logprobs=list(score.logliks),
+                gold_logprob=score.logliks[gold] / score.num_tokens[gold],
+            )
+        if free_form:
+            texts = self.decode_short([contexts[i] for i in free_form])
+            gold_scores = self.score_options([contexts[i] for i in free_form], [[str(items[i].gold)] for i in free_form])
+            for index, text, score in zip(free_form, texts, gold_scores):
+                results[index] = ProbeResult(
+                    answer=text,
+                    correct=items[index].is_correct(text),
+                    option_logprobs=[],
+                    gold_logprob=score.logliks[0] / score.num_tokens[0],
+                )
+        return [result for result in results if result is not None]
