@@ -1,0 +1,151 @@
+"""The trained policy: a causal LM from a model source with LoRA adapters, read out the way the objective needs.
+
+DESIGN.md: all agents share one backbone; the policy is its LoRA adapter (one shared adapter by default, or one per
+group), and the reference policy is the same backbone with the adapters disabled (`trialign.backbone`).
+
+What the training step needs from a forward pass is (a) the last hidden state at a few positions (the ends of the
+states s_t, for the value heads) and (b) log-probabilities of a few tokens (the action tokens, the answer probe's
+continuation tokens) — never the full [N, L, V] logits, which for a 49k vocabulary would dwarf the model's own
+activations. So `hidden_states` runs the decoder without its output head, and `token_logprobs` applies the head only
+to the selected positions, in chunks recomputed during the backward pass (`torch.utils.checkpoint`), so that at most
+one chunk of vocabulary-sized logits is alive at a time.
+
+Nothing is loaded at construction: `build` loads the weights (the LightningModule calls it from `configure_model`,
+so that sharded strategies can wrap the model as it is created and parsing a config stays cheap).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from trialign.backbone import DEFAULT_MODEL, LoraSettings, attach_lora, load_model, reference_policy
+from trialign.errors import TriAlignError
+
+SHARED_ADAPTER = "default"
+"""Name of the single shared adapter; peft saves the adapter named "default" at the top of the output folder, so
+`PeftModel.from_pretrained(model, folder)` loads it without naming it."""
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+                    ) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens from 0, whichever side the padding is on."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Policy(nn.Module):
+    """A causal LM with LoRA adapters: hidden states and selected-token log-probabilities.
+
+    Args:
+        source: model source (embedded alias, local HF directory, GGUF file or hub id).
+        lora: LoRA hyper-parameters.
+        adapter_names: one adapter per name; `[SHARED_ADAPTER]` for one shared policy, group names for per-group
+            adapters.
+        dtype: weight dtype of the backbone ("float32", "bfloat16", ...).
+        gradient_checkpointing: recompute the decoder's activations in the backward pass (much less memory).
+        logprob_chunk: number of positions whose vocabulary logits are materialized at once.
+    """
+
+    def __init__(self, source: str = DEFAULT_MODEL, lora: LoraSettings | None = None,
+                 adapter_names: Sequence[str] = (SHARED_ADAPTER,), dtype: str = "float32",
+                 gradient_checkpointing: bool = False, logprob_chunk: int = 1024):
+        super().__init__()
+        if not adapter_names:
+            raise TriAlignError("adapter_names: expected at least one adapter name")
+        if logprob_chunk < 1:
+            raise TriAlignError(f"logprob_chunk: expected a positive integer, got {logprob_chunk}")
+        self.source = source
+        self.lora = lora or LoraSettings()
+        self.adapter_names = list(adapter_names)
+        self.dtype_name = dtype
+        self.gradient_checkpointing = gradient_checkpointing
+        self.logprob_chunk = logprob_chunk
+        self.model: nn.Module | None = None
+
+    @property
+    def built(self) -> bool:
+        return self.model is not None
+
+    def build(self) -> None:
+        """Load the backbone and attach the adapters (once; later calls do nothing)."""
+        if self.model is not None:
+            return
+        base = load_model(self.source, dtype=self.dtype_name)
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        if self.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+        self.model = attach_lora(base, self.lora, self.adapter_names)
+        self.model.train()
+        self._all_adapters_trainable()
+
+    def _require_built(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("Policy.build() must run before the policy is used (LightningModule.configure_model)")
+        return self.model
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._require_built().config.hidden_size)
+
+    def _all_adapters_trainable(self) -> None:
+        # peft's set_adapter freezes the inactive adapters. Keep them all trainable instead: an adapter that is not
+        # used in a step simply gets no gradient, and DDP (which registers the parameters requiring grad when it
+        # wraps the model) must know about every adapter to keep ranks in sync.
+        for name, parameter in self._require_built().named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(True)
+
+    def use_adapter(self, name: str) -> None:
+        """Make adapter `name` the one the next forward passes use."""
+        model = self._require_built()
+        if name not in self.adapter_names:
+            raise TriAlignError(f"adapter '{name}': expected one of {self.adapter_names}")
+        if model.active_adapter != name:
+            model.set_adapter(name)
+            self._all_adapters_trainable()
+
+    def reference(self):
+        """Context manager: inside it, forwards compute the reference policy (adapters disabled)."""
+        return reference_policy(self._require_built())
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self._require_built().named_parameters() if "lora_" in n]
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden state [N, L, H] (after the final norm) of the active adapter's policy."""
+        decoder = self._require_built().get_base_model().get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log π(target | hidden) for M selected positions: hidden [M, H], targets [M] → [M] (float32)."""
+        head = self._require_built().get_base_model().get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        pieces = []
+        for start in range(0, hidden.shape[0], self.logprob_chunk):
+            h = hidden[start:start + self.logprob_chunk]
+            t = targets[start:start + self.logprob_chunk]
+            if torch.is_grad_enabled() and h.requires_grad:
+                pieces.append(checkpoint(_chunk_logprobs, h, weight, bias, t, use_reentrant=False))
+            else:
+                pieces.append(_chunk_logprobs(h, weight, bias, t))
+        if not pieces:
+            return hidden.new_zeros(0, dtype=torch.float32)
+        return torch.cat(pieces)
+
+    def save_adapters(self, directory) -> None:
+        """Write the adapters with `save_pretrained` (safetensors): the shared adapter at the top of `directory`,
+        per-group adapters in `directory/<group>/`."""
+        self._require_built().save_pretrained(str(directory), safe_serialization=True)

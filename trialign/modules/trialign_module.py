@@ -1,0 +1,508 @@
+"""`TriAlignModule`: the training objective of DESIGN.md as a LightningModule that wires the components it receives.
+
+One training step on a batch of B items × G groups × K samples × T turns (N = B·G·K episodes, one sequence each):
+
+1. one forward of the policy over the episodes → the per-turn action log-probabilities log π(a_t|s_t) (summed over
+   the action's tokens) and the backbone's last hidden state at the end of each state s_t;
+2. per group g: V_g(s_t) from the group's value head, the value loss L^V_g and advantages from the `value`
+   estimator, and the policy loss L^π_g = Σ_i w_i ℓ_i / Σ_i w_i from the `objective` over the group's samples
+   (pools: (item, group, turn) for pairwise objectives, (item, group) otherwise);
+3. group utilities U_g (`GroupUtility`: SNIS over the batch's samples, EMA across steps) and aggregation weights
+   ω = `aggregator`(L_g, U, present);
+4. the inconsistency `penalty` from a forward of the answer probe under every group's persona (option
+   log-likelihoods [B, G, O] summed over the continuation tokens; gold log-probability per token [B, G]);
+5. the KL to the reference policy (the same backbone with adapters disabled, no gradient) on the action tokens.
+
+    L = Σ_g ω_g (L^π_g + c_v L^V_g) + λ·Penalty + β_KL·KL
+
+Where we fill in for the paper:
+* U_g is estimated per *turn*: each valid turn is a sample with reward r_t and one-step log-ratio
+  log π(a_t|s_t) − log μ(a_t|s_t) (the stored behaviour log-probability). Per-turn ratios have far lower variance
+  than episode ratios (a product over turns of multi-token ratios) at the price of ignoring the shift in the state
+  distribution; the rollout's log μ is that of its sampling distribution, so the ratio also absorbs the sampling
+  temperature, which self-normalization within a group largely cancels.
+* The value heads read the hidden state detached from the backbone by default (`detach_value_features`): the
+  critic then cannot move the shared LoRA policy, which matters on small offline datasets; set it False for a
+  MAPPO-style shared trunk.
+* Reference forwards run only when needed: for the KL (β_KL > 0) or for objectives that need reference
+  log-probabilities (DPO). The probe forward runs only when the penalty can be non-zero.
+* Validation reads the answer probe on held-out items under every group's persona and updates the audit metrics.
+  Free-form items (numeric / short text) are skipped there: their answers need a greedy decode, which `trialign
+  evaluate` does; the penalty still uses their gold log-probability in training.
+
+Checkpoints: Lightning checkpoints hold the trainable weights (adapters, heads), the component states (GroupUtility
+EMA, GroupRobust weights are buffers) and the optimizer; the frozen base weights are left out (they come from the
+model source, and `strict_loading` is off for them only — a checkpoint missing a trainable key is an error). Besides,
+every checkpoint and the end of training export `adapter_dir` (default `<log_dir>/adapter`) with the adapters
+(`save_pretrained`, safetensors; loadable with `PeftModel.from_pretrained`) and `value_heads.safetensors`.
+Resuming with `ckpt_path` is exact at epoch boundaries; mid-epoch it restarts the epoch's data unless the data
+loader is stateful (Lightning's rule).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from trialign.backbone import DEFAULT_MODEL, LoraSettings
+from trialign.errors import TriAlignError
+from trialign.metrics import (
+    BreakageRate,
+    ConsistencyRate,
+    ConsistentCorrectRate,
+    CrossGroupDisparity,
+    GroupAccuracy,
+    check_group_names,
+    flatten_results,
+)
+from trialign.modules.aggregators import Aggregator
+from trialign.modules.heads import GroupValueHeads
+from trialign.modules.kl import reference_kl
+from trialign.modules.objectives import PolicyObjective
+from trialign.modules.penalties import InconsistencyPenalty, NoPenalty
+from trialign.modules.policy import SHARED_ADAPTER, Policy
+from trialign.modules.utility import GroupUtility
+from trialign.modules.values import ValueEstimator
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+COMPONENTS = ("value", "objective", "aggregator", "penalty")
+HEADS_FILE = "value_heads.safetensors"
+
+
+def _under_lightning_cli() -> bool:
+    """True while LightningCLI instantiates the module: it then hands `save_hyperparameters` the parsed config
+    (plain dicts with class_path/init_args) instead of the live objects."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a future Lightning without it: save plain values only
+        return False
+    return _given_hyperparameters.get() is not None
+
+
+class TriAlignModule(LightningModule):
+    """Offline multi-agent alignment: a LoRA policy shared by all groups, one value head per group, and the
+    components of the objective (see the module docstring).
+
+    Args:
+        group_names: the groups, in the data's order (linked from `data.group_names` by the CLI).
+        value: value estimator (Monte-Carlo, TD(λ), expectile).
+        objective: policy objective (advantage-weighted, filtered BC, pairwise DPO).
+        aggregator: how per-group losses are weighted (utilitarian, NSW, max-min, α-fair, GR-DPO).
+        penalty: cross-group inconsistency penalty on the answer probe.
+        model: model source of the backbone (embedded alias, local directory, GGUF file or hub id).
+        lora: LoRA hyper-parameters.
+        dtype: weight dtype of the backbone.
+        per_group_adapters: one LoRA adapter per group instead of one shared adapter.
+        gradient_checkpointing: recompute the backbone's activations in the backward pass.
+        reference_group: the no-persona group for the breakage metric (None: no breakage metric).
+        value_coef: c_v, weight of the value loss.
+        penalty_coef: λ, weight of the inconsistency penalty.
+        kl_coef: β_KL, weight of the KL to the reference policy.
+        utility_ema: EMA factor of the group utilities across steps.
+        detach_value_features: value heads read detached hidden states (the critic does not train the adapters).
+        optimizer: a callable `params -> Optimizer` (LightningCLI: class_path/init_args of a torch optimizer);
+            None is AdamW(lr=1e-4).
+        adapter_dir: where adapters and heads are exported (None: `<trainer.log_dir>/adapter`).
+    """
+
+    def __init__(
+        self,
+        group_names: list[str],
+        value: ValueEstimator,
+        objective: PolicyObjective,
+        aggregator: Aggregator,
+        penalty: InconsistencyPenalty,
+        model: str = DEFAULT_MODEL,
+        lora: LoraSettings | None = None,
+        dtype: str = "float32",
+        per_group_adapters: bool = False,
+        gradient_checkpointing: bool = False,
+        reference_group: str | None = None,
+        value_coef: float = 0.5,
+        penalty_coef: float = 1.0,
+        kl_coef: float = 0.05,
+        utility_ema: float = 0.9,
+        detach_value_features: bool = True,
+        optimizer: OptimizerFactory | None = None,
+        adapter_dir: str | None = None,
+    ):
+        super().__init__()
+        under_cli = _under_lightning_cli()
+        # Outside the CLI the components are live objects: keep them out of the checkpoint's hyper-parameters
+        # (they are already in its state dict, and pickled objects could not be loaded with weights_only=True).
+        self.save_hyperparameters(ignore=None if under_cli else [*COMPONENTS, "optimizer", "lora"])
+        lora = lora if lora is not None else LoraSettings()
+        if not under_cli:
+            self.hparams["lora"] = asdict(lora)
+        self.group_names = list(check_group_names(group_names))
+        for name, component, base in (("value", value, ValueEstimator), ("objective", objective, PolicyObjective),
+                                      ("aggregator", aggregator, Aggregator),
+                                      ("penalty", penalty, InconsistencyPenalty)):
+            if not isinstance(component, base):
+                raise TriAlignError(f"model.{name}: expected a {base.__name__}, got {type(component).__name__}")
+        for name, coef in (("value_coef", value_coef), ("penalty_coef", penalty_coef), ("kl_coef", kl_coef)):
+            if not (math.isfinite(coef) and coef >= 0):
+                raise TriAlignError(f"model.{name}: expected a finite value >= 0, got {coef}")
+        if reference_group is not None and reference_group not in self.group_names:
+            raise TriAlignError(f"model.reference_group: '{reference_group}' is not one of the data's groups "
+                                f"{self.group_names}")
+        self.value = value
+        self.objective = objective
+        self.aggregator = aggregator
+        self.penalty = penalty
+        self.value_coef = value_coef
+        self.penalty_coef = penalty_coef
+        self.kl_coef = kl_coef
+        self.detach_value_features = detach_value_features
+        self.per_group_adapters = per_group_adapters
+        self.reference_group = reference_group
+        self.optimizer_factory = optimizer
+        self.adapter_dir = adapter_dir
+        self.policy = Policy(model, lora, self.group_names if per_group_adapters else [SHARED_ADAPTER], dtype=dtype,
+                             gradient_checkpointing=gradient_checkpointing)
+        self.value_heads: GroupValueHeads | None = None
+        self.utility = GroupUtility(self.group_names, ema=utility_ema)
+        self.val_metrics = self._validation_metrics()
+        # The frozen base weights are not saved in checkpoints (see on_save_checkpoint).
+        self.strict_loading = False
+
+    # --- setup ---------------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Load the backbone, attach the adapters and create the value heads (once)."""
+        if self.policy.built:
+            return
+        self.policy.build()
+        self.value_heads = GroupValueHeads(self.group_names, self.policy.hidden_size)
+
+    def _validation_metrics(self) -> MetricCollection:
+        metrics = {
+            "acc": GroupAccuracy(self.group_names),
+            "acc_disparity": CrossGroupDisparity(self.group_names),
+            "consistency": ConsistencyRate(self.group_names),
+            "consistent_correct": ConsistentCorrectRate(self.group_names),
+        }
+        if self.reference_group is not None and len(self.group_names) > 1:
+            metrics["breakage"] = BreakageRate(self.group_names, self.reference_group)
+        return MetricCollection(metrics)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapters (all of them, also with per-group adapters) and the value heads."""
+        if self.value_heads is None:
+            raise RuntimeError("configure_model() must run before the parameters are requested")
+        return self.policy.adapter_parameters() + list(self.value_heads.parameters())
+
+    def configure_optimizers(self):
+        parameters = self.trainable_parameters()
+        if self.optimizer_factory is None:
+            return torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.0)
+        return self.optimizer_factory(parameters)
+
+    # --- forwards ------------------------------------------------------------------------------------------------
+
+    def _hidden(self, input_ids: Tensor, attention_mask: Tensor, row_groups: Tensor) -> Tensor:
+        """Last hidden states [R, L, H] of the current policy; with per-group adapters, the rows of group g go
+        through adapter g (only the adapters of the groups present get gradient)."""
+        if not self.per_group_adapters:
+            return self.policy.hidden_states(input_ids, attention_mask)
+        hidden: Tensor | None = None
+        for group in torch.unique(row_groups).tolist():
+            rows = (row_groups == group).nonzero().squeeze(1)
+            self.policy.use_adapter(self.group_names[group])
+            part = self.policy.hidden_states(input_ids[rows], attention_mask[rows])
+            if hidden is None:
+                hidden = part.new_zeros(input_ids.shape[0], *part.shape[1:])
+            hidden = hidden.index_copy(0, rows, part)
+        if hidden is None:
+            raise ValueError("expected at least one row")
+        return hidden
+
+    def _selected_logprobs(self, hidden: Tensor, input_ids: Tensor, select: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """log π of the tokens where `select` [R, L] is True (each predicted from the position before).
+
+        Returns (row, position, logprob), each [M]."""
+        rows, positions = select[:, 1:].nonzero(as_tuple=True)
+        positions = positions + 1
+        logprobs = self.policy.token_logprobs(hidden[rows, positions - 1], input_ids[rows, positions])
+        return rows, positions, logprobs
+
+    def _episode_forward(self, batch: dict[str, Any], reference: bool = False) -> dict[str, Tensor]:
+        """Per-turn summed action log-probabilities [N, T], their token counts, the per-token log-probabilities [M]
+        and (policy forward only) the values [N, T]."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        action_turn = batch["action_turn"]
+        num_rows, num_turns = batch["turn_mask"].shape
+        if reference:
+            with self.policy.reference():
+                hidden = self.policy.hidden_states(input_ids, attention_mask)
+        else:
+            hidden = self._hidden(input_ids, attention_mask, batch["group_index"])
+        rows, positions, token_logprobs = self._selected_logprobs(hidden, input_ids, action_turn > 0)
+        turns = action_turn[rows, positions] - 1
+        logp = token_logprobs.new_zeros(num_rows, num_turns).index_put((rows, turns), token_logprobs, accumulate=True)
+        counts = torch.zeros(num_rows, num_turns, dtype=torch.long, device=input_ids.device)
+        counts = counts.index_put((rows, turns), torch.ones_like(turns), accumulate=True)
+        out = {"logp": logp, "counts": counts, "token_logprobs": token_logprobs}
+        if not reference:
+            state_end = batch["state_end"].clamp(0, input_ids.shape[1] - 1)
+            features = hidden[torch.arange(num_rows, device=hidden.device)[:, None], state_end]  # [N, T, H]
+            if self.detach_value_features:
+                features = features.detach()
+            group_per_turn = batch["group_index"][:, None].expand(num_rows, num_turns).reshape(-1)
+            values = self.value_heads(features.reshape(num_rows * num_turns, -1), group_per_turn)
+            out["values"] = values.view(num_rows, num_turns)
+        return out
+
+    def probe_logprobs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The answer probe under every group's persona, as the penalty wants it.
+
+        Returns option_logprobs [B, G, O] (summed continuation log-probabilities; 0 where absent), option_tokens
+        [B, G, O], group_mask [B, G] (the (item, group) pairs probed) and gold_logprob [B, G] (per token)."""
+        input_ids, attention_mask = batch["probe_input_ids"], batch["probe_attention_mask"]
+        index = batch["probe_index"].long()
+        option_mask = batch["option_mask"].bool()
+        num_items, num_options = option_mask.shape
+        num_groups = len(self.group_names)
+        hidden = self._hidden(input_ids, attention_mask, index[:, 1])
+        rows, _, token_logprobs = self._selected_logprobs(hidden, input_ids, batch["probe_continuation_mask"].bool())
+        per_row = token_logprobs.new_zeros(input_ids.shape[0]).index_add(0, rows, token_logprobs)
+        tokens = torch.bincount(rows, minlength=input_ids.shape[0])
+        where = (index[:, 0], index[:, 1], index[:, 2])
+        option_logprobs = per_row.new_zeros(num_items, num_groups, num_options).index_put(where, per_row)
+        option_tokens = tokens.new_zeros(num_items, num_groups, num_options).index_put(where, tokens)
+        group_mask = torch.zeros(num_items, num_groups, dtype=torch.bool, device=input_ids.device)
+        group_mask = group_mask.index_put((index[:, 0], index[:, 1]), torch.ones_like(index[:, 0], dtype=torch.bool))
+        gold = batch["gold_index"].long().clamp(min=0)  # free-form items: their one "option" is the gold text
+        take = gold[:, None, None].expand(num_items, num_groups, 1)
+        gold_sum = option_logprobs.gather(2, take).squeeze(2)
+        gold_tokens = option_tokens.gather(2, take).squeeze(2).clamp(min=1)
+        return {"option_logprobs": option_logprobs, "option_tokens": option_tokens, "group_mask": group_mask,
+                "gold_logprob": gold_sum / gold_tokens.to(gold_sum.dtype)}
+
+    # --- training ------------------------------------------------------------------------------------------------
+
+    def _needs_probe(self) -> bool:
+        return self.penalty_coef > 0 and not isinstance(self.penalty, NoPenalty)
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The total loss of a batch and its parts (per-group tensors [G], scalars otherwise)."""
+        num_groups = len(self.group_names)
+        policy_out = self._episode_forward(batch)
+        logp, counts, values = policy_out["logp"], policy_out["counts"], policy_out["values"]
+        group_index = batch["group_index"].long()
+        valid = batch["turn_mask"].bool() & (counts > 0)
+        rewards = batch["rewards"].to(values.dtype)
+        returns = batch["returns"].to(values.dtype)
+        needs_reference = self.kl_coef > 0 or self.objective.needs_reference
+        reference_out = None
+        if needs_reference:
+            with torch.no_grad():
+                reference_out = self._episode_forward(batch, reference=True)
+
+        # Value loss and advantages, group by group (each group has its own critic).
+        value_loss_list = [values.new_zeros(())] * num_groups
+        advantages = torch.zeros_like(values)
+        for group in torch.unique(group_index).tolist():
+            rows = group_index == group
+            value_loss_list[group], advantages[rows] = self.value(values[rows], rewards[rows], returns[rows],
+                                                                  valid[rows])
+        value_losses = torch.stack(value_loss_list)
+
+        # Policy loss over the valid samples (one sample = one action a_t).
+        num_turns = valid.shape[1]
+        sample_group = group_index[:, None].expand_as(valid)[valid]
+        sample_item = batch["item_index"].long()[:, None].expand_as(valid)[valid]
+        sample_turn = torch.arange(num_turns, device=valid.device)[None, :].expand_as(valid)[valid]
+        pool = sample_item * num_groups + sample_group
+        if self.objective.needs_pairs:
+            pool = pool * num_turns + sample_turn
+        sample_loss, sample_weight = self.objective(
+            logp[valid], counts[valid], advantages[valid], pool=pool,
+            ref_logp_sum=None if reference_out is None else reference_out["logp"][valid])
+        weight_sum = sample_loss.new_zeros(num_groups).index_add(0, sample_group, sample_weight)
+        weighted = sample_loss.new_zeros(num_groups).index_add(0, sample_group, sample_weight * sample_loss)
+        policy_losses = torch.where(weight_sum > 0, weighted / weight_sum.clamp(min=1e-12), weighted * 0)
+        present = torch.bincount(sample_group, minlength=num_groups) > 0
+
+        group_losses = policy_losses + self.value_coef * value_losses
+        utilities = self.utility(batch["rewards"][valid].float(), logp[valid],
+                                 batch["behavior_logprob"][valid].float(), sample_group)
+        weights = self.aggregator(group_losses, utilities, present)
+        aggregated = (weights.to(group_losses.dtype) * group_losses).sum()
+
+        penalty = aggregated.new_zeros(())
+        if self._needs_probe():
+            probe = self.probe_logprobs(batch)
+            penalty = self.penalty(probe["option_logprobs"], batch["option_mask"], probe["gold_logprob"],
+                                   probe["group_mask"], batch["has_options"])
+        kl = aggregated.new_zeros(())
+        if self.kl_coef > 0:
+            mask = torch.ones_like(policy_out["token_logprobs"], dtype=torch.bool)
+            kl = reference_kl(policy_out["token_logprobs"], reference_out["token_logprobs"], mask)
+        total = aggregated + self.penalty_coef * penalty + self.kl_coef * kl
+        parts = {"policy_loss": policy_losses, "value_loss": value_losses, "group_loss": group_losses,
+                 "utility": utilities, "weight": weights, "present": present, "penalty": penalty, "kl": kl,
+                 "loss": total}
+        return total, parts
+
+    def _check_finite(self, parts: dict[str, Tensor]) -> None:
+        """Divergence guard: a non-finite term stops training with a message naming the step and the term."""
+        present = parts["present"]
+        for name in ("policy_loss", "value_loss", "utility", "penalty", "kl", "loss"):
+            value = parts[name].detach()
+            if value.dim() == 1 and name != "utility":
+                value = value[present]
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                where = ""
+                if parts[name].dim() == 1:
+                    groups = [self.group_names[i] for i in present.nonzero().squeeze(1).tolist()] \
+                        if name != "utility" else self.group_names
+                    where = f" for group(s) {[g for g, b in zip(groups, bad.tolist()) if b]}"
+                raise TriAlignError(f"training step {self.global_step}: {name}{where} is not finite "
+                                    f"({value.tolist()}); check the data's rewards/returns or lower the learning rate")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        total, parts = self.compute_loss(batch)
+        self._check_finite(parts)
+        batch_size = int(batch["option_mask"].shape[0])
+        logged: dict[str, Tensor] = {"train/loss": total.detach(), "train/penalty": parts["penalty"].detach(),
+                                     "train/kl": parts["kl"].detach()}
+        for index, group in enumerate(self.group_names):
+            logged[f"train/utility/{group}"] = parts["utility"][index]
+            logged[f"train/weight/{group}"] = parts["weight"][index]
+            if bool(parts["present"][index]):
+                logged[f"train/loss/{group}"] = parts["group_loss"][index].detach()
+                logged[f"train/policy_loss/{group}"] = parts["policy_loss"][index].detach()
+                logged[f"train/value_loss/{group}"] = parts["value_loss"][index].detach()
+        self.log_dict({k: v.float() for k, v in logged.items()}, on_step=True, on_epoch=False, prog_bar=False,
+                      batch_size=batch_size)
+        self.log("loss", total.detach().float(), prog_bar=True, logger=False, batch_size=batch_size)
+        return total
+
+    # --- validation ----------------------------------------------------------------------------------------------
+
+    def probe_answers(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Answers of the probe on the batch's option items that every group was probed on.
+
+        Returns answers [B', G] (option index, argmax of the summed log-likelihood; first on ties), correct
+        [B', G] bool, items [B'] (their batch positions) and the probe tensors."""
+        probe = self.probe_logprobs(batch)
+        option_mask = batch["option_mask"].bool()
+        scores = probe["option_logprobs"].masked_fill(~option_mask[:, None, :], -torch.inf)
+        answers = scores.argmax(-1)  # [B, G]
+        correct = batch["correct_options"].bool().gather(1, answers)
+        keep = batch["has_options"].bool() & probe["group_mask"].all(-1)
+        items = keep.nonzero().squeeze(1)
+        return {"answers": answers[items], "correct": correct[items], "items": items, **probe}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        read = self.probe_answers(batch)
+        if read["items"].numel():
+            self.val_metrics.update(answers=read["answers"], correct=read["correct"])
+        penalty = self.penalty(read["option_logprobs"], batch["option_mask"], read["gold_logprob"],
+                               read["group_mask"], batch["has_options"])
+        self.log("val/penalty", penalty.float(), on_step=False, on_epoch=True,
+                 batch_size=int(batch["option_mask"].shape[0]), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        results = flatten_results(self.val_metrics.compute(), self.group_names)
+        self.val_metrics.reset()
+        if self.trainer is not None and self.trainer.sanity_checking:
+            return
+        # compute() has already summed the states across ranks, so every rank holds the same values.
+        self.log_dict({f"val/{name}": float(value) for name, value in results.items()}, sync_dist=False,
+                      rank_zero_only=False)
+
+    # --- checkpoints and export -----------------------------------------------------------------------------------
+
+    def _frozen_keys(self) -> set[str]:
+        prefix = "policy.model."
+        return {f"{prefix}{name}" for name, p in self.policy.model.named_parameters() if not p.requires_grad} \
+            if self.policy.built else set()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self._frozen_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        self.export_adapters()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = set(checkpoint.get("state_dict", {}))
+        expected = set(self.state_dict()) - self._frozen_keys()
+        missing = sorted(expected - saved)
+        if missing:
+            raise TriAlignError(f"checkpoint: missing trainable weights {missing[:5]}"
+                                f"{' ...' if len(missing) > 5 else ''}; was it written by another model config?")
+
+    def on_train_end(self) -> None:
+        self.export_adapters()
+
+    def export_directory(self) -> Path:
+        if self.adapter_dir is not None:
+            return Path(self.adapter_dir)
+        trainer = self._trainer
+        base = (trainer.log_dir or trainer.default_root_dir) if trainer is not None else "."
+        return Path(base) / "adapter"
+
+    def export_adapters(self, directory: str | os.PathLike | None = None) -> Path | None:
+        """Write the adapters (peft `save_pretrained`, safetensors) and `value_heads.safetensors` to `directory`
+        (default `export_directory()`), atomically: into a temporary folder that then replaces the old one.
+        Runs on global rank 0 only; returns the folder (None on other ranks)."""
+        from safetensors.torch import save_file
+
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return None
+        if not self.policy.built or self.value_heads is None:
+            return None
+        target = Path(directory) if directory is not None else self.export_directory()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.policy.save_adapters(tmp)
+            heads = {k: v.detach().to("cpu").contiguous() for k, v in self.value_heads.state_dict().items()}
+            save_file(heads, str(tmp / HEADS_FILE), metadata={"group_names": json.dumps(self.group_names)})
+            old = None
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+                os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+
+def load_value_heads(path: str | os.PathLike) -> GroupValueHeads:
+    """Value heads exported by `TriAlignModule.export_adapters` (`value_heads.safetensors`)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / HEADS_FILE
+    if not path.is_file():
+        raise TriAlignError(f"value heads {path}: file not found")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    if "group_names" not in metadata:
+        raise TriAlignError(f"value heads {path}: expected 'group_names' in the safetensors metadata")
+    group_names = json.loads(metadata["group_names"])
+    hidden_size = tensors[f"heads.{group_names[0]}.linear.weight"].shape[1]
+    heads = GroupValueHeads(group_names, hidden_size)
+    heads.load_state_dict(tensors)
+    return heads
