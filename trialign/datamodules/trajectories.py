@@ -1,0 +1,628 @@
+"""`GroupTrajectoryDataModule`: streams the offline rollout dataset as batches of B items × G groups × K samples.
+
+DESIGN.md "Data": the rollout writes Parquet shards with one row per item holding all groups' episodes
+(`trialign.rollout.schema`) plus ``manifest.json``. This module reads them back for training:
+
+* **Checks first.** `scan_rollout` reads each file's schema and a few small columns (item ids, group ids and the
+  reward/return/behavior-log-prob leaves) before any training, and raises a one-line `TriAlignError` naming the
+  folder or file for: no Parquet files or no rows, missing columns (all named, nested ones as
+  ``groups.episodes.turns.ret``), wrong column types, duplicate item ids, a bad manifest, rows whose group set
+  differs from the manifest's (or from the first row's when there is no manifest), groups the config does not know
+  or configured groups the data lacks, a K (samples per group) that differs across groups or items, episodes
+  without turns, and option items without valid options. T may differ between episodes: the collator pads turns
+  and masks them (``turn_mask``).
+* **Non-finite values are skipped, not fatal.** An item with a NaN/Inf ``reward``, ``ret`` or
+  ``behavior_logprob`` in any turn of any group is dropped whole (its groups must stay together), with one warning
+  giving the count; `skipped_item_ids` lists them.
+* **Split by item.** The train/validation split ranks items by ``sha256(seed, item_id)`` and puts the first
+  ``round(val_fraction · n)`` (at least one when ``val_fraction > 0`` and n ≥ 2) in validation: deterministic for a
+  seed, exact in size, never the same item in both. The split is made before skipping, so skipping an item does not
+  move others between splits. The test loader streams the validation items.
+* **Sharded by item across ranks.** A row is an item, so a rank always gets all groups of its items. Training:
+  each epoch, a permutation of the training items seeded by (seed, epoch) is dealt to ranks round-robin and cut to
+  ``n // world_size`` items per rank, so every rank runs the same number of steps (up to world_size − 1 items sit
+  out each epoch, different ones each epoch). Validation: items are dealt round-robin with nothing dropped, and each
+  rank splits its items into the same number of batches (``ceil(n / (world_size · B))``) so ranks stay in step;
+  batches may then hold fewer than B items.
+* **Deterministic order.** Streaming (the default) reads rows with HF `datasets` in streaming mode; training rows go
+  through its seeded shuffle (shard order + a buffer of `shuffle_buffer` rows) re-seeded per epoch with
+  ``set_epoch``. Every rank and every DataLoader worker reads the same stream and keeps its own items and batches
+  (batch j goes to worker j mod num_workers), so the batches do not depend on `num_workers`. With
+  ``streaming=False`` the files are loaded into memory once and training items are visited in the permutation's
+  order (an exact global shuffle).
+* **Resumable.** Under a Lightning trainer the train loader takes its epoch from the trainer and, when the fit loop
+  restarts mid-epoch from a checkpoint, skips the batches that epoch already consumed, so ``--ckpt_path last``
+  continues the same batch sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trialign.datamodules.collate import TrajectoryCollator
+from trialign.errors import TriAlignError
+from trialign.rollout.schema import SCHEMA_VERSION, features
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+NONFINITE_SKIP_FIELDS = ("reward", "ret", "behavior_logprob")
+"""Turn fields whose NaN/Inf makes the whole item skipped."""
+_LIST_SEGMENTS = {"list", "element", "item", "array", "bag", "array_element"}  # Parquet's list encoding levels
+ANSWER_TYPES = ("option", "numeric", "alias")
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def rollout_files(data_dir: str | Path) -> list[Path]:
+    """The dataset's Parquet shards, sorted; hidden and temporary files (``.*``, ``_*``) are not shards."""
+    folder = Path(data_dir).expanduser()
+    if not folder.is_dir():
+        raise TriAlignError(f"data.data_dir '{data_dir}': folder not found (expected the output of "
+                            "`python -m trialign rollout`)")
+    files = sorted(p for p in folder.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+    if not files:
+        raise TriAlignError(f"data.data_dir '{data_dir}': no Parquet files (*.parquet) in the folder")
+    return files
+
+
+def _type_family(arrow_type) -> str:
+    import pyarrow.types as pat
+
+    if pat.is_string(arrow_type) or pat.is_large_string(arrow_type) or getattr(pat, "is_string_view",
+                                                                              lambda _: False)(arrow_type):
+        return "string"
+    if pat.is_integer(arrow_type):
+        return "integer"
+    if pat.is_floating(arrow_type):
+        return "float"
+    if pat.is_list(arrow_type) or pat.is_large_list(arrow_type) or pat.is_fixed_size_list(arrow_type):
+        return "list"
+    if pat.is_struct(arrow_type):
+        return "struct"
+    return str(arrow_type)
+
+
+def _compare_types(expected, actual, path: str, missing: list[str], wrong: list[str]) -> None:
+    family, got = _type_family(expected), _type_family(actual)
+    compatible = family == got or (family == "float" and got == "integer")
+    if not compatible:
+        wrong.append(f"{path} has type {actual}, expected {expected}")
+    elif family == "list":
+        _compare_types(expected.value_type, actual.value_type, path, missing, wrong)
+    elif family == "struct":
+        names = {actual.field(i).name: actual.field(i).type for i in range(actual.num_fields)}
+        for i in range(expected.num_fields):
+            child = expected.field(i)
+            if child.name not in names:
+                missing.append(f"{path}.{child.name}")
+            else:
+                _compare_types(child.type, names[child.name], f"{path}.{child.name}", missing, wrong)
+
+
+def check_file_schema(path: str | Path, schema) -> None:
+    """Raise a `TriAlignError` naming `path` and every missing column or wrongly typed one (nested ones included).
+
+    Widths may differ (int64 for int32, float64 for float32); integers are accepted where floats are expected."""
+    expected = features().arrow_schema
+    missing: list[str] = []
+    wrong: list[str] = []
+    for name in expected.names:
+        index = schema.get_field_index(name)
+        if index < 0:
+            missing.append(name)
+        else:
+            _compare_types(expected.field(name).type, schema.field(index).type, name, missing, wrong)
+    if missing:
+        raise TriAlignError(f"rollout file {path}: missing columns {', '.join(missing)}")
+    if wrong:
+        raise TriAlignError(f"rollout file {path}: wrong column types: {'; '.join(wrong)}")
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise TriAlignError(f"{path}: not valid JSON ({err})")
+    if not isinstance(manifest, dict):
+        raise TriAlignError(f"{path}: expected a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise TriAlignError(f"{path}: schema_version {version!r}, expected {SCHEMA_VERSION} (re-run the rollout with "
+                            "this version of trialign)")
+    ids = manifest.get("group_ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(g, str) and g for g in ids):
+        raise TriAlignError(f"{path}: group_ids must be a non-empty list of group id strings, got {ids!r}")
+    if len(set(ids)) != len(ids):
+        raise TriAlignError(f"{path}: group_ids has duplicates: {ids}")
+    return manifest
+
+
+def _leaf_columns(parquet_file, wanted: set[str]) -> list[str]:
+    """Physical Parquet column paths (``groups.list.element.group``) of the logical leaves in `wanted`."""
+    found = []
+    for i in range(parquet_file.metadata.num_columns):
+        physical = parquet_file.schema.column(i).path
+        logical = ".".join(seg for seg in physical.split(".") if seg not in _LIST_SEGMENTS)
+        if logical in wanted:
+            found.append(physical)
+    return found
+
+
+@dataclass
+class _FileScan:
+    """What `scan_rollout` reads from one file, one entry per row."""
+
+    item_ids: list[Any]
+    answer_types: list[Any]
+    num_options: list[int]
+    gold_index: list[Any]
+    gold_text: list[Any]
+    groups: list[list[Any]]
+    """Group ids of each row, in row order."""
+    episodes: list[list[int]]
+    """Number of episodes (K) of each group of each row."""
+    empty_episodes: list[bool]
+    """Whether a row has an episode without turns."""
+    max_turns: list[int]
+    nonfinite: list[bool]
+    """Whether a row has a NaN/Inf in one of `NONFINITE_SKIP_FIELDS`."""
+
+
+def _scan_file(path: Path) -> _FileScan:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    check_file_schema(path, parquet.schema_arrow)
+    turn_leaves = {f"groups.episodes.turns.{name}" for name in NONFINITE_SKIP_FIELDS}
+    wanted = {"item_id", "answer_type", "options", "gold_index", "gold_text", "groups.group"} | turn_leaves
+    table = parquet.read(columns=_leaf_columns(parquet, wanted))
+    num_rows = table.num_rows
+
+    def offsets_split(values: list[Any], parents: np.ndarray, count: int) -> list[list[Any]]:
+        out: list[list[Any]] = [[] for _ in range(count)]
+        for value, parent in zip(values, parents):
+            out[parent].append(value)
+        return out
+
+    def parents(list_array) -> np.ndarray:
+        return pc.list_parent_indices(list_array).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def lengths(list_array) -> np.ndarray:
+        return pc.list_value_length(list_array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    groups = table.column("groups").combine_chunks()
+    group_struct = groups.flatten()
+    group_row = parents(groups)
+    episodes = pc.struct_field(group_struct, "episodes")
+    group_k = lengths(episodes)
+    episode_struct = episodes.flatten()
+    episode_group = parents(episodes)
+    turns = pc.struct_field(episode_struct, "turns")
+    episode_t = lengths(turns)
+    turn_struct = turns.flatten()
+    turn_episode = parents(turns)
+    bad_turn = np.zeros(len(turn_struct), dtype=bool)
+    for name in NONFINITE_SKIP_FIELDS:
+        values = pc.struct_field(turn_struct, name).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad_turn |= ~np.isfinite(values)
+    nonfinite = np.zeros(num_rows, dtype=bool)
+    nonfinite[group_row[episode_group[turn_episode[bad_turn]]]] = True
+    empty = np.zeros(num_rows, dtype=bool)
+    empty[group_row[episode_group[episode_t == 0]]] = True
+    max_turns = np.zeros(num_rows, dtype=np.int64)
+    if len(episode_t):
+        np.maximum.at(max_turns, group_row[episode_group], episode_t)
+    return _FileScan(
+        item_ids=table.column("item_id").to_pylist(),
+        answer_types=table.column("answer_type").to_pylist(),
+        num_options=lengths(table.column("options").combine_chunks()).tolist(),
+        gold_index=table.column("gold_index").to_pylist(),
+        gold_text=table.column("gold_text").to_pylist(),
+        groups=offsets_split(pc.struct_field(group_struct, "group").to_pylist(), group_row, num_rows),
+        episodes=offsets_split(group_k.tolist(), group_row, num_rows),
+        empty_episodes=empty.tolist(),
+        max_turns=max_turns.tolist(),
+        nonfinite=nonfinite.tolist(),
+    )
+
+
+@dataclass
+class RolloutIndex:
+    """What the data module knows about a rollout folder after `scan_rollout`."""
+
+    data_dir: str
+    """The folder."""
+    files: list[str]
+    """Its Parquet shards, sorted."""
+    group_names: list[str]
+    """Group ids in the dataset's order (the manifest's ``group_ids``, else the first row's)."""
+    item_ids: list[str]
+    """All items in file and row order, skipped ones included."""
+    skipped_item_ids: list[str] = field(default_factory=list)
+    """Items with a non-finite reward, return or behavior log-prob; never served."""
+    samples: int = 0
+    """K, episodes per (item, group)."""
+    max_turns: int = 0
+    """The longest episode, in turns."""
+
+
+def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> RolloutIndex:
+    """Check a rollout folder (see the module docstring for every check) and index its items."""
+    files = rollout_files(data_dir)
+    folder = Path(data_dir).expanduser()
+    manifest = _read_manifest(folder)
+    reference = list(manifest["group_ids"]) if manifest else None
+    source = f"{folder / MANIFEST_NAME} group_ids" if manifest else "the first row's groups"
+    item_ids: list[str] = []
+    seen: dict[str, Path] = {}
+    skipped: list[str] = []
+    samples, max_turns = 0, 0
+    for path in files:
+        scan = _scan_file(path)
+        for r, item_id in enumerate(scan.item_ids):
+            if not isinstance(item_id, str) or not item_id:
+                raise TriAlignError(f"rollout file {path}: row {r} has an empty item_id")
+            where = f"rollout file {path}, item {item_id!r}"
+            if item_id in seen:
+                raise TriAlignError(f"{where}: duplicate item_id (also in {seen[item_id]})")
+            seen[item_id] = path
+            row_groups = scan.groups[r]
+            if not row_groups:
+                raise TriAlignError(f"{where}: has no groups")
+            if reference is None:
+                reference = list(row_groups)
+            if len(set(row_groups)) != len(row_groups) or set(row_groups) != set(reference):
+                missing = sorted(set(reference) - set(row_groups))
+                unexpected = sorted(set(row_groups) - set(reference))
+                raise TriAlignError(f"{where}: groups {row_groups} differ from {source} {reference} "
+                                    f"(missing: {missing}, unexpected: {unexpected}, duplicated: "
+                                    f"{sorted({g for g in row_groups if row_groups.count(g) > 1})})")
+            for name, count in zip(row_groups, scan.episodes[r]):
+                if count == 0:
+                    raise TriAlignError(f"{where}: group {name!r} has no episodes")
+                samples = samples or count
+                if count != samples:
+                    raise TriAlignError(f"{where}: group {name!r} has {count} episodes but the dataset has K="
+                                        f"{samples}; every group of every item needs the same number of samples")
+            if scan.empty_episodes[r]:
+                raise TriAlignError(f"{where}: an episode has no turns")
+            _check_answer(where, scan, r)
+            max_turns = max(max_turns, scan.max_turns[r])
+            item_ids.append(item_id)
+            if scan.nonfinite[r]:
+                skipped.append(item_id)
+    if not item_ids:
+        raise TriAlignError(f"data.data_dir '{data_dir}': the Parquet files hold no rows (empty dataset)")
+    assert reference is not None
+    if groups is not None:
+        _check_configured_groups(data_dir, reference, groups)
+    if skipped:
+        log.warning("data %s: skipped %d of %d items with a NaN/Inf %s (first: %s)", data_dir, len(skipped),
+                    len(item_ids), "/".join(NONFINITE_SKIP_FIELDS), skipped[0])
+    if len(skipped) == len(item_ids):
+        raise TriAlignError(f"data.data_dir '{data_dir}': every item has a NaN/Inf reward, return or behavior "
+                            "log-prob; nothing left to train on")
+    return RolloutIndex(str(data_dir), [str(p) for p in files], reference, item_ids, skipped, samples, max_turns)
+
+
+def _check_answer(where: str, scan: _FileScan, r: int) -> None:
+    answer_type = scan.answer_types[r]
+    if answer_type not in ANSWER_TYPES:
+        raise TriAlignError(f"{where}: answer_type {answer_type!r}, expected one of {', '.join(ANSWER_TYPES)}")
+    if answer_type == "option":
+        count, gold = scan.num_options[r], scan.gold_index[r]
+        if count < 2 or gold is None or not 0 <= gold < count:
+            raise TriAlignError(f"{where}: an option item needs at least 2 options and gold_index in [0, {count}), "
+                                f"got {count} options and gold_index {gold}")
+    elif not (scan.gold_text[r] or "").strip():
+        raise TriAlignError(f"{where}: a free-form item needs a non-empty gold_text")
+
+
+def _check_configured_groups(data_dir, data_groups: Sequence[str], configured: Sequence[str]) -> None:
+    unknown = [g for g in data_groups if g not in set(configured)]
+    if unknown:
+        raise TriAlignError(f"data.groups: the data in '{data_dir}' has group(s) {', '.join(unknown)} that the "
+                            f"config does not list (configured: {', '.join(configured)})")
+    absent = [g for g in configured if g not in set(data_groups)]
+    if absent:
+        raise TriAlignError(f"data.groups: group(s) {', '.join(absent)} are configured but not in the data in "
+                            f"'{data_dir}' (data groups: {', '.join(data_groups)})")
+
+
+# ---------------------------------------------------------------------------------------------------- split & plan
+def split_items(item_ids: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation) item ids, each in the input order; see the module docstring."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise TriAlignError(f"data.val_fraction: expected a value in [0, 1), got {val_fraction}")
+    count = len(item_ids)
+    num_val = int(round(val_fraction * count))
+    if val_fraction > 0 and count >= 2:
+        num_val = min(max(num_val, 1), count - 1)
+    rank = sorted(item_ids, key=lambda item: hashlib.sha256(f"{seed}\x00{item}".encode()).digest())
+    val = set(rank[:num_val])
+    return [i for i in item_ids if i not in val], [i for i in item_ids if i in val]
+
+
+def epoch_plan(item_ids: Sequence[str], batch_size: int, rank: int, world_size: int, epoch: int, seed: int,
+               train: bool) -> tuple[list[str], list[int]]:
+    """This rank's items for one epoch and its batch sizes (see "Sharded by item" in the module docstring)."""
+    if train:
+        order = np.random.default_rng([seed, epoch]).permutation(len(item_ids))
+        per_rank = len(item_ids) // world_size
+        mine = [item_ids[i] for i in order[rank::world_size][:per_rank]]
+        sizes = [batch_size] * (per_rank // batch_size) + ([per_rank % batch_size] if per_rank % batch_size else [])
+        return mine, sizes
+    mine = list(item_ids[rank::world_size])
+    num_batches = math.ceil(len(item_ids) / (world_size * batch_size))
+    base, extra = divmod(len(mine), max(num_batches, 1))
+    sizes = [base + 1] * extra + [base] * (num_batches - extra)
+    return mine, [s for s in sizes if s > 0]
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+class ItemStream(IterableDataset):
+    """Yields this rank's rollout rows of one split, as one list of rows per batch."""
+
+    def __init__(self, files: Sequence[str], item_ids: Sequence[str], batch_size: int, *, train: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, streaming: bool = True, shuffle_buffer: int = 64):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise TriAlignError(f"rank {rank} / world size {world_size}: expected 0 <= rank < world size")
+        self.files = list(files)
+        self.item_ids = list(item_ids)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.streaming = streaming
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        self.skip_batches = 0
+        """Batches of the epoch to skip on the next iteration (set when resuming mid-epoch)."""
+        self._in_memory = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: int | None = None) -> tuple[list[str], list[int]]:
+        return epoch_plan(self.item_ids, self.batch_size, self.rank, self.world_size,
+                          self.epoch if epoch is None else epoch, self.seed, self.train)
+
+    def __len__(self) -> int:
+        return len(self.plan()[1])
+
+    def _streamed_rows(self, epoch: int, wanted: set[str]) -> Iterator[dict[str, Any]]:
+        from datasets import load_dataset
+
+        stream = load_dataset("parquet", data_files=self.files, split="train", streaming=True)
+        if self.train:
+            # One input shard at a time: interleaving shards uses reader threads that datasets waits 5 s to join.
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer, max_buffer_input_shards=1)
+        stream.set_epoch(epoch)
+        # `.iter` rather than `iter(stream)`: inside a DataLoader worker the latter would give this worker only
+        # some files, while every worker must see the whole stream to pick its batches.
+        for chunk in stream.iter(batch_size=16):
+            for i, item_id in enumerate(chunk["item_id"]):
+                if item_id in wanted:
+                    yield {key: values[i] for key, values in chunk.items()}
+
+    def _memory_rows(self, mine: list[str]) -> Iterator[dict[str, Any]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from datasets import Dataset
+
+        if self._in_memory is None:
+            table = pa.concat_tables([pq.read_table(f) for f in self.files], promote_options="default")
+            data = Dataset(table)
+            self._in_memory = (data, {item: i for i, item in enumerate(data["item_id"])})
+        data, position = self._in_memory
+        for item_id in mine:
+            yield data[position[item_id]]
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return self._batches(self.epoch, self.skip_batches)
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[list[dict[str, Any]]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        mine, sizes = self.plan(epoch)
+        if not sizes:
+            return
+        rows = self._streamed_rows(epoch, set(mine)) if self.streaming else self._memory_rows(mine)
+        ends = np.cumsum(sizes)
+        batch, position, current = 0, 0, []
+        for row in rows:
+            ours = batch >= skip and (batch - skip) % num_workers == worker_id
+            if ours:
+                current.append(row)
+            position += 1
+            if position == ends[batch]:
+                if ours:
+                    yield current
+                current = []
+                batch += 1
+                if batch == len(sizes):
+                    return
+        if batch < len(sizes):
+            raise TriAlignError(f"rollout files changed while training: expected {int(ends[-1])} items for rank "
+                                f"{self.rank}, the stream held {position}")
+
+
+class ItemLoader(DataLoader):
+    """A DataLoader over an `ItemStream` that knows its epoch and, under a trainer, its resume position.
+
+    `position()` returns (epoch, batches of that epoch already consumed); without it, `set_epoch` sets the epoch."""
+
+    def __init__(self, stream: ItemStream, collate_fn: Callable, num_workers: int = 0,
+                 position: Callable[[], tuple[int, int]] | None = None):
+        super().__init__(stream, batch_size=None, collate_fn=collate_fn, num_workers=num_workers)
+        self.position = position
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        if self.position is not None:
+            epoch, done = self.position()
+            self.dataset.set_epoch(epoch)
+            self.dataset.skip_batches = done
+        iterator = super().__iter__()  # the stream (or each worker's copy) has captured epoch and skip by now
+        self.dataset.skip_batches = 0
+        return iterator
+
+
+# ---------------------------------------------------------------------------------------------------- data module
+class GroupTrajectoryDataModule(LightningDataModule):
+    """Batches of B items with all their groups' episodes, tokenized for training (see the module docstring)."""
+
+    def __init__(
+        self,
+        data_dir: str,
+        tokenizer: str,
+        batch_size: int = 2,
+        val_fraction: float = 0.2,
+        max_length: int = 512,
+        seed: int = 0,
+        num_workers: int = 0,
+        groups: list[str] | None = None,
+        streaming: bool = True,
+        probe_answer_prefix: str = "Final answer:",
+        shuffle_buffer: int = 64,
+    ):
+        """
+        Args:
+            data_dir: rollout folder (Parquet shards + manifest.json).
+            tokenizer: model source whose tokenizer and chat template render the episodes (linked from the model).
+            batch_size: items per batch; a batch holds B·G·K episodes.
+            val_fraction: fraction of items held out for validation (and test).
+            max_length: longest episode sequence in tokens; later turns that do not fit are dropped and counted.
+            seed: seeds the split, the per-epoch item permutation and the stream shuffle.
+            num_workers: DataLoader worker processes (each reads the stream; tokenization is split between them).
+            groups: expected group ids; the data must have exactly these (order is taken from the data).
+            streaming: stream rows from the files (True) or load them into memory (False).
+            probe_answer_prefix: text after which the answer probe scores the options.
+            shuffle_buffer: rows in the streaming shuffle buffer.
+        """
+        super().__init__()
+        if batch_size < 1:
+            raise TriAlignError(f"data.batch_size: expected a positive number of items, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise TriAlignError(f"data.val_fraction: expected a value in [0, 1), got {val_fraction}")
+        if max_length < 2:
+            raise TriAlignError(f"data.max_length: expected at least 2 tokens, got {max_length}")
+        if num_workers < 0:
+            raise TriAlignError(f"data.num_workers: expected 0 or more, got {num_workers}")
+        if shuffle_buffer < 1:
+            raise TriAlignError(f"data.shuffle_buffer: expected at least 1 row, got {shuffle_buffer}")
+        if groups is not None and (not groups or len(set(groups)) != len(groups)):
+            raise TriAlignError(f"data.groups: expected a non-empty list of distinct group ids, got {groups}")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.tokenizer_source = tokenizer
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.max_length = max_length
+        self.seed = seed
+        self.num_workers = num_workers
+        self.groups = list(groups) if groups is not None else None
+        self.streaming = streaming
+        self.probe_answer_prefix = probe_answer_prefix
+        self.shuffle_buffer = shuffle_buffer
+        self._index: RolloutIndex | None = None
+        self._tokenizer = None
+        self._collator: TrajectoryCollator | None = None
+
+    @property
+    def index(self) -> RolloutIndex:
+        """The checked index of the rollout folder (scanned on first use)."""
+        if self._index is None:
+            self._index = scan_rollout(self.data_dir, self.groups)
+        return self._index
+
+    @property
+    def group_names(self) -> list[str]:
+        """The dataset's group ids in its order; the CLI links this to ``model.group_names``."""
+        return list(self.index.group_names)
+
+    @property
+    def skipped_item_ids(self) -> list[str]:
+        return list(self.index.skipped_item_ids)
+
+    def split(self) -> tuple[list[str], list[str]]:
+        """(train, validation) item ids, skipped items removed."""
+        train, val = split_items(self.index.item_ids, self.val_fraction, self.seed)
+        skipped = set(self.index.skipped_item_ids)
+        return [i for i in train if i not in skipped], [i for i in val if i not in skipped]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from trialign.backbone import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_source)
+        return self._tokenizer
+
+    @property
+    def collator(self) -> TrajectoryCollator:
+        if self._collator is None:
+            self._collator = TrajectoryCollator(self.tokenizer, self.group_names, self.max_length,
+                                                self.probe_answer_prefix)
+        return self._collator
+
+    def setup(self, stage: str | None = None) -> None:
+        train, _ = self.split()
+        _, world_size = self._distributed()
+        if stage in (None, "fit") and len(train) < world_size:
+            raise TriAlignError(f"data.data_dir '{self.data_dir}': {len(train)} training item(s) for {world_size} "
+                                "rank(s); lower data.val_fraction or add items")
+        self.collator  # noqa: B018 - load the tokenizer on every rank before the loops start
+
+    def _distributed(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def _train_position(self) -> tuple[int, int]:
+        trainer = self.trainer
+        fit_loop = trainer.fit_loop
+        done = fit_loop.epoch_loop.batch_progress.current.ready if fit_loop.restarting else 0
+        return int(trainer.current_epoch), int(done)
+
+    def make_dataloader(self, split: str, rank: int | None = None, world_size: int | None = None) -> ItemLoader:
+        """The loader of `split` ("train" or "val") for one rank (default: the trainer's, else 0 of 1)."""
+        if split not in ("train", "val"):
+            raise TriAlignError(f"split: expected 'train' or 'val', got {split!r}")
+        default_rank, default_world = self._distributed()
+        rank = default_rank if rank is None else rank
+        world_size = default_world if world_size is None else world_size
+        train, val = self.split()
+        stream = ItemStream(self.index.files, train if split == "train" else val, self.batch_size,
+                            train=split == "train", seed=self.seed, rank=rank, world_size=world_size,
+                            streaming=self.streaming, shuffle_buffer=self.shuffle_buffer)
+        position = self._train_position if split == "train" and self.trainer is not None else None
+        return ItemLoader(stream, self.collator, num_workers=self.num_workers, position=position)
+
+    def train_dataloader(self) -> ItemLoader:
+        return self.make_dataloader("train")
+
+    def val_dataloader(self) -> ItemLoader:
+        return self.make_dataloader("val")
+
+    def test_dataloader(self) -> ItemLoader:
+        return self.make_dataloader("val")
