@@ -285,3 +285,15 @@ def reference_policy(model) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def load_adapter(model, adapter_dir: str | os.PathLike, adapter_name: str = "default"):
+    """Apply a saved PEFT adapter (safetensors) to `model` for inference."""
+    from peft import PeftModel
+
+    path = Path(adapter_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise TriAlignError(f"adapter {path}: expected a PEFT adapter folder with adapter_config.json")
+    model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=False)
+    model.eval()
+    return model

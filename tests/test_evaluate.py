@@ -1,0 +1,119 @@
+"""`trialign evaluate`: the audit end to end on a tiny model, its outputs, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trialign.cli import main
+from trialign.evaluate import EvaluateConfig, answer_ids, evaluate, parse_config
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_answer_ids_are_equal_exactly_for_equal_answers():
+    ids = answer_ids([["1", "1", "0"], ["paris", "lyon", "paris"]])
+    np.testing.assert_array_equal(ids, [[0, 0, 1], [0, 1, 0]])
+
+
+def test_probe_audit_on_tiny_model_writes_consistent_metrics(tmp_path, tiny_model_dir):
+    out = tmp_path / "audit"
+    config = EvaluateConfig(model=tiny_model_dir, task="truthfulqa_mc1", limit=6, group_ids=["neutral", "teenager", "phd_researcher"],
+                            bootstrap=50, output=str(out))
+    document = evaluate(config, progress=False)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"] == json.loads(json.dumps(document["metrics"]))
+    rows = [json.loads(line) for line in (out / "per_item.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 * 3
+    # Recompute consistency and per-group accuracy from the per-item rows by hand.
+    by_item: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_item.setdefault(row["item_id"], {})[row["group"]] = row
+    consistent = np.mean([len({r["answer"] for r in groups.values()}) == 1 for groups in by_item.values()])
+    assert saved["metrics"]["consistency"]["value"] == pytest.approx(consistent)
+    for group in ("neutral", "teenager", "phd_researcher"):
+        acc = np.mean([groups[group]["correct"] for groups in by_item.values()])
+        assert saved["metrics"][f"acc/{group}"]["value"] == pytest.approx(acc)
+    # Each chosen answer is the argmax of the stored option log-likelihoods.
+    assert all(int(r["answer"]) == int(np.argmax(r["option_logprobs"])) for r in rows)
+    m = saved["metrics"]["consistency"]
+    assert m["ci_low"] <= m["value"] <= m["ci_high"]
+    assert saved["reference"] == "neutral"
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_generate_mode_scores_preferences_on_the_response(tmp_path, tiny_model_dir):
+    out = tmp_path / "gen"
+    config = EvaluateConfig(model=tiny_model_dir, task="gsm8k", limit=2, group_ids=["neutral", "retired_farmer"],
+                            mode="generate", max_new_tokens=8, bootstrap=0, output=str(out))
+    evaluate(config, progress=False)
+    rows = [json.loads(line) for line in (out / "per_item.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(isinstance(r["response"], str) for r in rows)
+    assert all(0.0 <= r["personalization"] <= 1.0 for r in rows)
+
+
+def test_existing_results_are_not_replaced_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "audit"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"keep": true}')
+    code, _, err = run_cli(capsys, "evaluate", "--output", str(out), "--limit", "1")
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (out / "metrics.json").read_text() == '{"keep": true}'
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--task", "no_such_task"], "no_such_task"),
+        (["--limit", "0"], "limit: expected a positive integer, got 0"),
+        (["--mode", "dream"], "mode: expected one of probe, generate"),
+        (["--model", "./no/such/model"], "model source './no/such/model' not found"),
+        (["--task", "local", "--task-path", "missing.jsonl"], "missing.jsonl"),
+        (["--set", "unknown_key=1"], "unknown setting(s) unknown_key"),
+    ],
+)
+def test_bad_input_is_one_line_error_without_traceback(tmp_path, capsys, args, expected):
+    code, _, err = run_cli(capsys, "evaluate", "--output", str(tmp_path / "out"), *args)
+    assert code == 2
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_malformed_group_file_is_named(tmp_path, capsys):
+    groups = tmp_path / "groups.yaml"
+    groups.write_text("groups:\n  - id: a\n    name: A\n    preferences: [concise, not_a_preference]\n")
+    code, _, err = run_cli(capsys, "evaluate", "--groups", str(groups), "--output", str(tmp_path / "out"))
+    assert code == 2 and str(groups) in err and len(err.strip().splitlines()) == 1
+
+
+def test_config_file_values_are_type_checked(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("limit: many\n")
+    with pytest.raises(Exception, match="limit: expected an integer"):
+        parse_config(["--config", str(config)])
+
+
+def test_cli_process_exits_nonzero_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "trialign", "evaluate", "--limit", "0", "--output", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("trialign evaluate: error: limit")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_command_and_help(capsys):
+    code, _, err = run_cli(capsys, "nonsense")
+    assert code == 2 and "unknown command 'nonsense'" in err
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "evaluate" in out and "rollout" in out

@@ -1,0 +1,5 @@
+import sys
+
+from trialign.cli import main
+
+sys.exit(main())

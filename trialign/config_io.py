@@ -1,0 +1,103 @@
+"""Small, strict YAML-to-dataclass loading for the non-Lightning commands (rollout, evaluate).
+
+YAML is read with `yaml.safe_load`; unknown keys and wrong types are one-line errors naming the file and field.
+Command-line flags override file values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from trialign.errors import TriAlignError
+
+T = TypeVar("T")
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; errors name the file (and line for syntax errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TriAlignError(f"config file {path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise TriAlignError(f"config file {path}:{where} invalid YAML ({getattr(err, 'problem', err)})")
+    except UnicodeDecodeError:
+        raise TriAlignError(f"config file {path}: expected UTF-8 text")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TriAlignError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, where)
+            except TriAlignError as err:
+                errors.append(str(err))
+        raise TriAlignError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TriAlignError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TriAlignError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise TriAlignError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TriAlignError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TriAlignError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise TriAlignError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build_dataclass(cls: type[T], values: Mapping[str, Any], source: str) -> T:
+    """Instantiate dataclass `cls` from `values`, rejecting unknown keys and mistyped values."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise TriAlignError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    checked = {k: _check_type(v, hints[k], f"{source}: {k}") for k, v in values.items()}
+    return cls(**checked)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value parsed as YAML (so numbers, booleans and lists keep their type)."""
+    if "=" not in text:
+        raise TriAlignError(f"--set {text}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value

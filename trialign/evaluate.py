@@ -1,0 +1,390 @@
+"""`trialign evaluate`: the truth-consistency audit of a model under every persona.
+
+For each item and each social group the model is asked the same objective question with the group's persona.
+
+* ``--mode probe`` scores the answer directly: after the persona and question, the assistant turn is opened with
+  "Final answer:" and the answer probe picks the option with the highest log-likelihood (free-form items: a short
+  greedy answer).
+* ``--mode generate`` first generates a personalized response per (item, group), then probes the answer after it
+  (as the rollout environment does) and checks the group's verifiable preferences on the response.
+
+Reports per-group accuracy, worst-group accuracy, the accuracy gap and std, the consistency rate, the
+consistent-and-correct rate, breakage against the no-persona reference group (PERG), personalization and Nash
+welfare, each with a percentile-bootstrap 95% CI over items. Writes ``metrics.json`` and ``per_item.jsonl`` to the
+output folder and logs the same numbers to TensorBoard.
+
+Training-free baselines are evaluate settings: ``--system-prompt same_answer`` (the "same factual answer for
+everyone" prompt). Where the paper is silent we chose: utility U_g for Nash welfare is the per-item reward
+truth + alpha * personalization (personalization is 0 in probe mode, where no response is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer
+from trialign.config_io import build_dataclass, parse_override, read_yaml_mapping
+from trialign.errors import TriAlignError, require
+
+log = logging.getLogger(__name__)
+
+MODES = ("probe", "generate")
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of `trialign evaluate` (YAML keys and command-line flags share these names)."""
+
+    model: str = DEFAULT_MODEL
+    """Model source: hub id, local HF directory, .gguf file, or the embedded alias."""
+    adapter: str | None = None
+    """Optional PEFT adapter directory (a trained TriAlign policy) applied on top of `model`."""
+    task: str = "truthfulqa_mc1"
+    """Benchmark task name (see `trialign.tasks.TASK_NAMES`), or `local` with `task_path`."""
+    task_path: str | None = None
+    """File of a `local` task (JSONL/CSV with question, options, answer)."""
+    task_source: str = "local"
+    """Where benchmark data comes from: `local` (copies shipped with trialign) or `hub`."""
+    limit: int | None = 100
+    """Number of items (the first N in file order); null for all."""
+    groups: str = "default"
+    """Group file: a YAML path or a bundled name (`default`, `heldout`)."""
+    group_ids: list[str] | None = None
+    """Subset of group ids to evaluate; null for all groups in the file."""
+    mode: str = "probe"
+    """`probe` (answer scored directly) or `generate` (personalized response first, then the probe)."""
+    expression: str = "explicit"
+    """How the persona is expressed: `explicit` self-description or `implicit` cues."""
+    system_prompt: str = "none"
+    """`none`, `same_answer` (the training-free "same answer for everyone" baseline), or a literal prompt."""
+    batch_size: int = 32
+    """Contexts per probe batch (all options of a context are scored together)."""
+    max_new_tokens: int = 96
+    """Length limit of generated responses in `generate` mode."""
+    dtype: str = "float32"
+    """Model weights dtype."""
+    autocast: bool = False
+    """bf16 autocast for generation (about 2x faster on CPUs with AMX); the probe stays in the model dtype."""
+    alpha: float = 0.5
+    """Weight of personalization in the reward/utility: r = truth + alpha * pers."""
+    bootstrap: int = 1000
+    """Bootstrap resamples over items for the 95% confidence intervals (0 disables CIs)."""
+    seed: int = 0
+    """Seed for option shuffling and the bootstrap."""
+    output: str = "runs/audit"
+    """Output folder for metrics.json, per_item.jsonl and TensorBoard events."""
+    overwrite: bool = False
+    """Replace results already in `output` (otherwise an existing metrics.json is an error)."""
+    label: str | None = None
+    """Name of this evaluated method in reports (defaults to the model and system prompt)."""
+    cache_dir: str | None = None
+    """Where converted GGUF models are cached (default: $TRIALIGN_CACHE or ~/.cache/trialign)."""
+
+    def __post_init__(self) -> None:
+        require(self.limit is None or self.limit > 0, f"limit: expected a positive integer, got {self.limit}")
+        require(self.mode in MODES, f"mode: expected one of {', '.join(MODES)}, got '{self.mode}'")
+        require(self.expression in ("explicit", "implicit"),
+                f"expression: expected 'explicit' or 'implicit', got '{self.expression}'")
+        require(self.batch_size > 0, f"batch_size: expected a positive integer, got {self.batch_size}")
+        require(self.max_new_tokens > 0, f"max_new_tokens: expected a positive integer, got {self.max_new_tokens}")
+        require(self.bootstrap >= 0, f"bootstrap: expected >= 0 resamples, got {self.bootstrap}")
+        require(self.alpha >= 0, f"alpha: expected >= 0, got {self.alpha}")
+        require(bool(self.output), "output: expected a folder path")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trialign evaluate",
+        description="Audit truth accuracy and cross-group consistency of a model under social-group personas.",
+    )
+    parser.add_argument("--config", help="YAML file of settings (flags override it)")
+    for f in dataclasses.fields(EvaluateConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool",):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "group_ids":
+            parser.add_argument(flag, dest=f.name, nargs="+", default=None)
+        elif f.type.startswith("int"):
+            parser.add_argument(flag, dest=f.name, type=int, default=None)
+        elif f.type.startswith("float"):
+            parser.add_argument(flag, dest=f.name, type=float, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any setting, value parsed as YAML")
+    return parser
+
+
+def parse_config(argv: Sequence[str]) -> EvaluateConfig:
+    args = _parser().parse_args(list(argv))
+    values: dict[str, Any] = read_yaml_mapping(args.config) if args.config else {}
+    source = f"config file {args.config}" if args.config else "evaluate"
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None})
+    values.update(dict(parse_override(o) for o in args.overrides))
+    return build_dataclass(EvaluateConfig, values, source)
+
+
+def _system_prompt(setting: str) -> str | None:
+    from trialign.prompts import SAME_ANSWER_SYSTEM_PROMPT
+
+    if setting in ("", "none"):
+        return None
+    if setting == "same_answer":
+        return SAME_ANSWER_SYSTEM_PROMPT
+    return setting
+
+
+def _prepare_output(config: EvaluateConfig) -> Path:
+    out = Path(config.output)
+    if (out / "metrics.json").exists() and not config.overwrite:
+        raise TriAlignError(f"output {out}: already holds metrics.json; pass --overwrite to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test", delete=True)
+        probe_file.close()
+    except OSError as err:
+        raise TriAlignError(f"output {out}: not writable ({err.strerror or err})")
+    return out
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+@dataclass
+class AuditRecords:
+    """Per (item, group) outcomes of an audit, as [N items, G groups] arrays plus the raw rows."""
+
+    group_names: list[str]
+    reference: str | None
+    correct: np.ndarray
+    """bool [N, G]: the probed answer is correct."""
+    answers: np.ndarray
+    """int [N, G]: answer ids, equal within an item iff the answers are the same."""
+    personalization: np.ndarray
+    """float [N, G]: fraction of the group's preferences satisfied (0 in probe mode)."""
+    utility: np.ndarray
+    """float [N, G]: truth + alpha * personalization."""
+    rows: list[dict] = field(default_factory=list)
+
+
+def answer_ids(canonical: Sequence[Sequence[str]]) -> np.ndarray:
+    """Map each item's canonical answer strings to small ints (same string -> same id, per item)."""
+    ids = np.zeros((len(canonical), len(canonical[0]) if canonical else 0), dtype=np.int64)
+    for i, answers in enumerate(canonical):
+        table: dict[str, int] = {}
+        for g, answer in enumerate(answers):
+            ids[i, g] = table.setdefault(answer, len(table))
+    return ids
+
+
+def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress: bool = True) -> AuditRecords:
+    """Ask every item under every group's persona and read the answers with the probe."""
+    from trialign.generation import generate_texts
+    from trialign.preferences import preference_score
+    from trialign.probe import AnswerProbe, render_context
+    from trialign.prompts import build_messages
+
+    system_prompt = _system_prompt(config.system_prompt)
+    pairs = [(item, group) for item in items for group in groups]
+    messages = [build_messages(item, group, expression=config.expression, system_prompt=system_prompt)
+                for item, group in pairs]
+    responses: list[str | None] = [None] * len(pairs)
+    if config.mode == "generate":
+        prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+        responses = list(generate_texts(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                                        batch_size=config.batch_size, autocast=config.autocast, progress=progress))
+    contexts = [render_context(tokenizer, m, response=r) for m, r in zip(messages, responses)]
+    probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size)
+    results = []
+    chunk = max(config.batch_size * 4, 1)
+    with tqdm(total=len(pairs), desc="probe", unit="ctx", disable=not progress) as bar:
+        for start in range(0, len(pairs), chunk):
+            part = slice(start, start + chunk)
+            results.extend(probe.answer([item for item, _ in pairs[part]], contexts[part]))
+            bar.update(len(pairs[part]))
+
+    n, g = len(items), len(groups)
+    correct = np.array([r.correct for r in results], dtype=bool).reshape(n, g)
+    canonical = [[item.canonical_answer(results[i * g + j].answer) for j in range(g)] for i, item in enumerate(items)]
+    pers = np.zeros((n, g), dtype=np.float64)
+    rows = []
+    for k, ((item, group), result, response) in enumerate(zip(pairs, results, responses)):
+        if response is not None:
+            pers[k // g, k % g] = preference_score(response, group.preferences)
+        rows.append({
+            "item_id": item.id, "group": group.id, "answer": result.answer, "correct": bool(result.correct),
+            "gold": item.gold, "personalization": float(pers[k // g, k % g]) if response is not None else None,
+            "option_logprobs": [round(x, 4) for x in result.option_logprobs],
+            "response": response,
+        })
+    reference = next((grp.id for grp in groups if grp.reference), None)
+    return AuditRecords(
+        group_names=[grp.id for grp in groups], reference=reference, correct=correct,
+        answers=answer_ids(canonical), personalization=pers, utility=correct + config.alpha * pers, rows=rows,
+    )
+
+
+def summarize(records: AuditRecords, n_resamples: int, seed: int) -> dict[str, dict[str, float]]:
+    """Every audit metric with its percentile-bootstrap 95% CI over items: ``{name: {value, ci_low, ci_high}}``."""
+    from trialign.functional import audit_summary
+    from trialign.stats import bootstrap_ci
+
+    data = {"correct": records.correct, "answers": records.answers,
+            "personalization": records.personalization, "utility": records.utility}
+    statistic = lambda arrays: audit_summary(arrays, records.group_names, records.reference)  # noqa: E731
+    if n_resamples > 0:
+        cis = bootstrap_ci(statistic, data, n_resamples=n_resamples, seed=seed, vectorized=True)
+        return {k: {"value": p, "ci_low": lo, "ci_high": hi} for k, (p, lo, hi) in cis.items()}
+    point = statistic({k: torch.as_tensor(v) for k, v in data.items()})
+    return {k: {"value": float(v), "ci_low": float("nan"), "ci_high": float("nan")} for k, v in point.items()}
+
+
+SUMMARY_ROWS = [
+    ("acc_mean", "accuracy (mean over groups)"),
+    ("acc_worst", "worst-group accuracy"),
+    ("acc_gap", "accuracy gap (max - min)"),
+    ("acc_std", "accuracy std over groups"),
+    ("consistency", "consistency rate (all groups same answer)"),
+    ("consistent_correct", "consistent-and-correct rate"),
+    ("breakage_mean", "breakage vs. reference (PERG)"),
+    ("personalization_mean", "personalization (mean over groups)"),
+    ("nash_welfare", "Nash welfare sum_g log U_g"),
+]
+
+
+def add_group_means(metrics: dict[str, dict[str, float]], records: AuditRecords, n_resamples: int, seed: int) -> None:
+    """Mean accuracy / personalization over groups, with CIs, for the summary table."""
+    from trialign.stats import bootstrap_ci
+
+    data = {"correct": records.correct.astype(np.float64), "pers": records.personalization}
+    stat = lambda a: {"acc_mean": a["correct"].mean(axis=(-1, -2)), "personalization_mean": a["pers"].mean(axis=(-1, -2))}  # noqa: E731
+    if n_resamples > 0:
+        for k, (p, lo, hi) in bootstrap_ci(stat, data, n_resamples=n_resamples, seed=seed, vectorized=True).items():
+            metrics[k] = {"value": p, "ci_low": lo, "ci_high": hi}
+    else:
+        for k, v in stat(data).items():
+            metrics[k] = {"value": float(v), "ci_low": float("nan"), "ci_high": float("nan")}
+
+
+def format_report(metrics: dict[str, dict[str, float]], records: AuditRecords) -> str:
+    def cell(name: str) -> str:
+        m = metrics.get(name)
+        if m is None or m["value"] is None or not math.isfinite(m["value"]):
+            return "   n/a"
+        if math.isfinite(m["ci_low"]):
+            return f"{m['value']:6.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+        return f"{m['value']:6.3f}"
+
+    width = max(len(g) for g in records.group_names)
+    lines = [f"{'group':<{width}}  {'accuracy [95% CI]':<24}  {'breakage [95% CI]':<24}  personalization"]
+    for g in records.group_names:
+        tag = " (reference)" if g == records.reference else ""
+        lines.append(f"{g:<{width}}  {cell('acc/' + g):<24}  {cell('breakage/' + g) if not tag else '   -':<24}"
+                     f"  {cell('personalization/' + g)}{tag}")
+    lines.append("")
+    lines.extend(f"{label:<44} {cell(key)}" for key, label in SUMMARY_ROWS if key in metrics)
+    return "\n".join(lines)
+
+
+def log_tensorboard(out: Path, metrics: dict[str, dict[str, float]], label: str) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(out / "tensorboard")) as writer:
+        for name, m in metrics.items():
+            if m["value"] is not None and math.isfinite(m["value"]):
+                writer.add_scalar(f"audit/{name}", m["value"], global_step=0)
+        writer.add_text("audit/method", label, global_step=0)
+
+
+def evaluate(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the audit described by `config`; returns the metrics JSON document (also written to disk)."""
+    from trialign.groups import load_groups, select_groups
+    from trialign.tasks import load_task
+
+    out = _prepare_output(config)
+    items = load_task(config.task, limit=config.limit, seed=config.seed, source=config.task_source,
+                      path=config.task_path)
+    require(len(items) > 0, f"task {config.task}: no items loaded")
+    groups = load_groups(config.groups)
+    if config.group_ids:
+        groups = select_groups(groups, config.group_ids)
+    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, cache_dir=config.cache_dir)
+    if config.adapter:
+        from trialign.backbone import load_adapter
+
+        model = load_adapter(model, config.adapter)
+    log.info("audit: %d items x %d groups, mode=%s, model=%s", len(items), len(groups), config.mode, config.model)
+    records = run_audit(config, model, tokenizer, items, groups, progress=progress)
+    elapsed = time.perf_counter() - started
+    metrics = summarize(records, config.bootstrap, config.seed)
+    add_group_means(metrics, records, config.bootstrap, config.seed)
+    label = config.label or (config.model + ("" if config.system_prompt == "none" else f" + {config.system_prompt}"))
+    document = {
+        "label": label,
+        "config": dataclasses.asdict(config),
+        "task": config.task,
+        "num_items": len(items),
+        "groups": records.group_names,
+        "reference": records.reference,
+        "mode": config.mode,
+        "seconds": round(elapsed, 2),
+        "metrics": metrics,
+    }
+    write_jsonl_atomic(out / "per_item.jsonl", records.rows)
+    write_json_atomic(out / "metrics.json", document)
+    log_tensorboard(out, metrics, label)
+    print(f"\n{label} | {config.task} | {len(items)} items x {len(groups)} groups | mode={config.mode} | "
+          f"{elapsed:.0f} s\n")
+    print(format_report(metrics, records))
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'per_item.jsonl'}, {out / 'tensorboard'}")
+    return document
+
+
+def main(argv: Sequence[str]) -> int:
+    evaluate(parse_config(argv))
+    return 0
