@@ -142,7 +142,9 @@ def write_rollout_rows(
     for s in range(max(1, shards)):
         part = rows[bounds[s]: bounds[s + 1]]
         name = f"shard-{s:05d}.parquet"
-        if typed:
+        if typed and not part:  # datasets cannot build an empty Dataset from a list
+            pq.write_table(features().arrow_schema.empty_table(), out / name)
+        elif typed:
             Dataset.from_list(part, features=features()).to_parquet(str(out / name))
         else:
             pq.write_table(pa.Table.from_pylist(part), out / name)

@@ -466,10 +466,11 @@ class ItemStream(IterableDataset):
 class ItemLoader(DataLoader):
     """A DataLoader over an `ItemStream` that knows its epoch and, under a trainer, its resume position.
 
-    `position()` returns (epoch, batches of that epoch already consumed); without it, `set_epoch` sets the epoch."""
+    `position(num_batches)` returns (epoch, batches of that epoch already consumed); without it, `set_epoch` sets the
+    epoch."""
 
     def __init__(self, stream: ItemStream, collate_fn: Callable, num_workers: int = 0,
-                 position: Callable[[], tuple[int, int]] | None = None):
+                 position: Callable[[int], tuple[int, int]] | None = None):
         super().__init__(stream, batch_size=None, collate_fn=collate_fn, num_workers=num_workers)
         self.position = position
 
@@ -478,12 +479,24 @@ class ItemLoader(DataLoader):
 
     def __iter__(self):
         if self.position is not None:
-            epoch, done = self.position()
+            epoch, done = self.position(len(self.dataset))
             self.dataset.set_epoch(epoch)
             self.dataset.skip_batches = done
         iterator = super().__iter__()  # the stream (or each worker's copy) has captured epoch and skip by now
         self.dataset.skip_batches = 0
         return iterator
+
+    # Lightning's resumable-loader protocol. The position itself comes from the trainer's progress (`position`); the
+    # state only lets a resumed run notice that its data would be served in another order.
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.dataset.epoch, "seed": self.dataset.seed, "num_items": len(self.dataset.item_ids)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        now = self.state_dict()
+        if any(state.get(key) != now[key] for key in ("seed", "num_items")):
+            log.warning("data: resuming with seed %s and %s training items, the checkpoint had seed %s and %s items; "
+                        "batches will not continue the checkpointed order", now["seed"], now["num_items"],
+                        state.get("seed"), state.get("num_items"))
 
 
 # ---------------------------------------------------------------------------------------------------- data module
@@ -598,11 +611,23 @@ class GroupTrajectoryDataModule(LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
-    def _train_position(self) -> tuple[int, int]:
+    def _train_position(self, num_batches: int) -> tuple[int, int]:
+        """(epoch, batches of it already consumed) from the trainer's fit loop, for a loader of `num_batches`."""
         trainer = self.trainer
         fit_loop = trainer.fit_loop
-        done = fit_loop.epoch_loop.batch_progress.current.ready if fit_loop.restarting else 0
-        return int(trainer.current_epoch), int(done)
+        # Lightning's own sampler epoch: epochs processed, which is one ahead of current_epoch when resuming from a
+        # checkpoint written at an epoch's end.
+        epoch = int(fit_loop.epoch_progress.current.processed)
+        if not fit_loop.restarting:
+            return epoch, 0
+        done = int(fit_loop.epoch_loop.batch_progress.current.ready)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, float):
+            num_batches = int(num_batches * limit) if limit < 1.0 else num_batches
+        elif limit is not None:
+            num_batches = min(num_batches, int(limit))
+        # A checkpoint from the epoch's last batch resumes at the next epoch, as Lightning's loop does.
+        return (epoch + 1, 0) if done >= num_batches else (epoch, done)
 
     def make_dataloader(self, split: str, rank: int | None = None, world_size: int | None = None) -> ItemLoader:
         """The loader of `split` ("train" or "val") for one rank (default: the trainer's, else 0 of 1)."""
