@@ -263,8 +263,8 @@ class TrajectoryCollator:
                     correct[b, int(o)] = True
         # lm-eval's _encode_pair, as in trialign.probe: trailing context whitespace joins the continuation.
         context_ids = self._tokenize([context.rstrip() for _, _, context, _ in probe_contexts])
-        wholes = [context + TARGET_DELIMITER + option for _, _, context, options in probe_contexts for option in options]
-        whole_ids = self._tokenize(wholes)
+        whole_ids = self._tokenize([context + TARGET_DELIMITER + option
+                                    for _, _, context, options in probe_contexts for option in options])
         sequences, continuation, index = [], [], []
         for b, g, context, options in probe_contexts:
             prefix = context_ids[context.rstrip()]
