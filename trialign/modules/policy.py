@@ -33,8 +33,8 @@ SHARED_ADAPTER = "default"
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
                     ) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    # cross_entropy fuses log-softmax and gather, forward and backward: ~20% faster than logsumexp + gather on CPU.
+    return -F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -144,6 +144,72 @@ class Policy(nn.Module):
         if not pieces:
             return hidden.new_zeros(0, dtype=torch.float32)
         return torch.cat(pieces)
+
+    def continuation_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              continuation_mask: torch.Tensor, context_key: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probabilities [R] (float32) and counts [R] of each row's continuation tokens.
+
+        Rows are right-padded ``context + continuation`` sequences (`continuation_mask` marks the continuation,
+        non-empty in every row). Without `context_key` every row runs in full. With it, rows of equal key must share
+        their context tokens: each context runs once, and the rows' continuations run on a copy of its KV cache (the
+        answer probe scores G·O options of only G distinct contexts per item, and contexts are most of the tokens).
+        The KV path needs caching, which gradient checkpointing turns off in training mode, so it is refused then.
+        """
+        continuation = continuation_mask.bool()
+        num_rows = input_ids.shape[0]
+        if context_key is None:
+            hidden = self.hidden_states(input_ids, attention_mask)
+            rows, positions = continuation[:, 1:].nonzero(as_tuple=True)
+            logprobs = self.token_logprobs(hidden[rows, positions], input_ids[rows, positions + 1])
+        else:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                raise RuntimeError("continuation_logprobs: a shared context needs the KV cache, which gradient "
+                                   "checkpointing disables in training mode")
+            rows, logprobs = self._shared_context_logprobs(input_ids, continuation, context_key)
+        sums = torch.zeros(num_rows, dtype=torch.float32, device=input_ids.device).index_add(0, rows, logprobs)
+        return sums, torch.bincount(rows, minlength=num_rows)
+
+    def _shared_context_logprobs(self, input_ids: torch.Tensor, continuation: torch.Tensor, context_key: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        from transformers import DynamicCache
+
+        model = self._require_built()
+        decoder = model.get_base_model().get_decoder()
+        device = input_ids.device
+        first = continuation.int().argmax(-1)  # first continuation position = context length
+        lengths = continuation.sum(-1)
+        _, context_of_row = torch.unique(context_key, return_inverse=True)
+        num_contexts = int(context_of_row.max()) + 1
+        representative = torch.zeros(num_contexts, dtype=torch.long, device=device)
+        representative = representative.scatter(0, context_of_row, torch.arange(len(first), device=device))
+        context_length = first[representative]
+        width = int(context_length.max())
+        steps = torch.arange(width, device=device)
+        context_mask = (steps[None, :] < context_length[:, None]).long()
+        out = decoder(input_ids=input_ids[representative, :width], attention_mask=context_mask,
+                      position_ids=positions_from_mask(context_mask), use_cache=True)
+        last = out.last_hidden_state[torch.arange(num_contexts, device=device), context_length - 1]
+        option_width = int(lengths.max())
+        offsets = torch.arange(option_width, device=device)
+        option_mask = offsets[None, :] < lengths[:, None]
+        where = (first[:, None] + offsets[None, :]).clamp(max=input_ids.shape[1] - 1)
+        option_ids = torch.where(option_mask, input_ids.gather(1, where), torch.zeros_like(where))
+        # Option token j is predicted by the context's last state (j = 0) or by option token j - 1.
+        predictors = [last[context_of_row][:, None, :]]
+        if option_width > 1:
+            cache = DynamicCache(
+                [(keys.index_select(0, context_of_row), values.index_select(0, context_of_row))
+                 for keys, values, *_ in out.past_key_values],
+                config=model.get_base_model().config,
+            )
+            tail = decoder(input_ids=option_ids[:, :-1],
+                           attention_mask=torch.cat([context_mask[context_of_row], option_mask[:, :-1].long()], 1),
+                           position_ids=first[:, None] + offsets[None, :-1], past_key_values=cache, use_cache=True)
+            predictors.append(tail.last_hidden_state)
+        predicted_by = torch.cat(predictors, dim=1)
+        rows, steps_in = option_mask.nonzero(as_tuple=True)
+        return rows, self.token_logprobs(predicted_by[rows, steps_in], option_ids[rows, steps_in])
 
     def save_adapters(self, directory) -> None:
         """Write the adapters with `save_pretrained` (safetensors): the shared adapter at the top of `directory`,

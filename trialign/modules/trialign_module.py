@@ -117,6 +117,8 @@ class TriAlignModule(LightningModule):
         optimizer: a callable `params -> Optimizer` (LightningCLI: class_path/init_args of a torch optimizer);
             None is AdamW(lr=1e-4).
         adapter_dir: where adapters and heads are exported (None: `<trainer.log_dir>/adapter`).
+        probe_share_prefix: run each probe context once and its options on its KV cache (off automatically
+            where gradient checkpointing disables caching: training steps with `gradient_checkpointing`).
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class TriAlignModule(LightningModule):
         detach_value_features: bool = True,
         optimizer: OptimizerFactory | None = None,
         adapter_dir: str | None = None,
+        probe_share_prefix: bool = True,
     ):
         super().__init__()
         under_cli = _under_lightning_cli()
@@ -172,6 +175,7 @@ class TriAlignModule(LightningModule):
         self.reference_group = reference_group
         self.optimizer_factory = optimizer
         self.adapter_dir = adapter_dir
+        self.probe_share_prefix = probe_share_prefix
         self.policy = Policy(model, lora, self.group_names if per_group_adapters else [SHARED_ADAPTER], dtype=dtype,
                              gradient_checkpointing=gradient_checkpointing)
         self.value_heads: GroupValueHeads | None = None
@@ -277,10 +281,24 @@ class TriAlignModule(LightningModule):
         option_mask = batch["option_mask"].bool()
         num_items, num_options = option_mask.shape
         num_groups = len(self.group_names)
-        hidden = self._hidden(input_ids, attention_mask, index[:, 1])
-        rows, _, token_logprobs = self._selected_logprobs(hidden, input_ids, batch["probe_continuation_mask"].bool())
-        per_row = token_logprobs.new_zeros(input_ids.shape[0]).index_add(0, rows, token_logprobs)
-        tokens = torch.bincount(rows, minlength=input_ids.shape[0])
+        continuation = batch["probe_continuation_mask"]
+        # All options of one (item, group) share its probe context.
+        share = self.probe_share_prefix and not (self.policy.gradient_checkpointing and self.training
+                                                 and torch.is_grad_enabled())
+        context_key = index[:, 0] * num_groups + index[:, 1] if share else None
+        per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+        tokens = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        adapters = torch.unique(index[:, 1]).tolist() if self.per_group_adapters else [None]
+        for group in adapters:
+            rows = (torch.arange(input_ids.shape[0], device=input_ids.device) if group is None
+                    else (index[:, 1] == group).nonzero().squeeze(1))
+            if group is not None:
+                self.policy.use_adapter(self.group_names[group])
+            sums, counts = self.policy.continuation_logprobs(
+                input_ids[rows], attention_mask[rows], continuation[rows],
+                None if context_key is None else context_key[rows])
+            per_row = per_row.index_copy(0, rows, sums)
+            tokens = tokens.index_copy(0, rows, counts)
         where = (index[:, 0], index[:, 1], index[:, 2])
         option_logprobs = per_row.new_zeros(num_items, num_groups, num_options).index_put(where, per_row)
         option_tokens = tokens.new_zeros(num_items, num_groups, num_options).index_put(where, tokens)
@@ -362,7 +380,7 @@ class TriAlignModule(LightningModule):
     def _check_finite(self, parts: dict[str, Tensor]) -> None:
         """Divergence guard: a non-finite term stops training with a message naming the step and the term."""
         present = parts["present"]
-        for name in ("policy_loss", "value_loss", "utility", "penalty", "kl", "loss"):
+        for name in ("value_loss", "policy_loss", "utility", "penalty", "kl", "loss"):
             value = parts[name].detach()
             if value.dim() == 1 and name != "utility":
                 value = value[present]
@@ -419,9 +437,14 @@ class TriAlignModule(LightningModule):
         self.log("val/penalty", penalty.float(), on_step=False, on_epoch=True,
                  batch_size=int(batch["option_mask"].shape[0]), sync_dist=True)
 
+    def on_validation_epoch_start(self) -> None:
+        # `trainer.validate` runs in inference mode, the validation inside `fit` does not: states created in one
+        # (inference tensors) could not be updated in place in the other, so they are always created outside it.
+        with torch.inference_mode(False):
+            self.val_metrics.reset()
+
     def on_validation_epoch_end(self) -> None:
         results = flatten_results(self.val_metrics.compute(), self.group_names)
-        self.val_metrics.reset()
         if self.trainer is not None and self.trainer.sanity_checking:
             return
         # compute() has already summed the states across ranks, so every rank holds the same values.

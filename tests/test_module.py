@@ -1,0 +1,296 @@
+"""TriAlignModule on a tiny random model: forwards against direct computations, which weights train, the loss as
+the sum of its logged parts, validation metrics, adapter export, the divergence guard, and exact resumption."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
+
+from data_factory import synthetic_rows
+from trialign.backbone import LoraSettings, load_model
+from trialign.datamodules.collate import TrajectoryCollator
+from trialign.errors import TriAlignError
+from trialign.modules.aggregators import GroupRobust, NashSocialWelfare
+from trialign.modules.objectives import AdvantageWeighted, PairwiseDPO
+from trialign.modules.penalties import CombinedPenalty
+from trialign.modules.trialign_module import TriAlignModule, load_value_heads
+from trialign.modules.values import MonteCarlo
+
+SMALL_LORA = LoraSettings(r=4, alpha=8)
+
+
+def make_batches(tokenizer, count=1, items=2, groups=3, seed=0, free_form=0):
+    """`count` collated batches of `items` synthetic items each, and the group names."""
+    rows, names = synthetic_rows(items=items * count, groups=groups, samples=2, turns=2, seed=seed,
+                                 free_form=free_form)
+    collator = TrajectoryCollator(tokenizer, names, max_length=256)
+    return [collator(rows[i * items:(i + 1) * items]) for i in range(count)], names
+
+
+def make_module(model_dir, names, objective=None, aggregator=None, per_group=False, kl_coef=0.05, **kwargs):
+    module = TriAlignModule(names, MonteCarlo(), objective or AdvantageWeighted(),
+                            aggregator or NashSocialWelfare(), CombinedPenalty(), model=model_dir, lora=SMALL_LORA,
+                            per_group_adapters=per_group, kl_coef=kl_coef, **kwargs)
+    module.configure_model()
+    return module
+
+
+def perturb_adapters(module, seed=0):
+    """LoRA B matrices start at zero (the policy equals the reference); give them random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+
+def snapshot(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def train_steps(module, batches, steps=3):
+    optimizer = module.configure_optimizers()
+    module.train()
+    for step in range(steps):
+        loss, _ = module.compute_loss(batches[step % len(batches)])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def direct_token_logprobs(model, input_ids, attention_mask):
+    """log π of every token given the ones before it, from the full logits of one plain forward: [N, L]
+    (position 0 is 0)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.double()
+    logprobs = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.cat([torch.zeros_like(logprobs[:, :1]), logprobs], dim=1)
+
+
+# --- forwards against direct computations ---------------------------------------------------------------------------
+
+def test_action_logprobs_values_and_reference_equal_direct_forwards(tiny_model_dir, embedded_tokenizer):
+    (batch,), names = make_batches(embedded_tokenizer)
+    module = make_module(tiny_model_dir, names)
+    perturb_adapters(module)
+    module.eval()
+    with torch.no_grad():
+        out = module._episode_forward(batch)
+        reference = module._episode_forward(batch, reference=True)
+        token = direct_token_logprobs(module.policy.model, batch["input_ids"], batch["attention_mask"])
+        hidden = module.policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     output_hidden_states=True).hidden_states[-1]
+        base = load_model(tiny_model_dir)
+        base_token = direct_token_logprobs(base, batch["input_ids"], batch["attention_mask"])
+    action_turn, turn_mask = batch["action_turn"], batch["turn_mask"]
+    expected = torch.zeros(turn_mask.shape, dtype=torch.float64)
+    expected_ref = torch.zeros_like(expected)
+    for t in range(turn_mask.shape[1]):
+        expected[:, t] = (token * (action_turn == t + 1)).sum(-1)
+        expected_ref[:, t] = (base_token * (action_turn == t + 1)).sum(-1)
+    np.testing.assert_allclose(out["logp"].double().numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(reference["logp"].double().numpy(), expected_ref.numpy(), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out["logp"], reference["logp"], atol=1e-2)  # the adapters matter
+    assert torch.equal(out["counts"], batch["num_tokens"])
+    for n in range(turn_mask.shape[0]):
+        group = names[int(batch["group_index"][n])]
+        for t in range(turn_mask.shape[1]):
+            if turn_mask[n, t]:
+                value = module.value_heads[group](hidden[n, batch["state_end"][n, t]])
+                assert out["values"][n, t].item() == pytest.approx(value.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("share_prefix, per_group", [(True, False), (False, False), (True, True)])
+def test_probe_logprobs_equal_direct_forwards(tiny_model_dir, embedded_tokenizer, share_prefix, per_group):
+    (batch,), names = make_batches(embedded_tokenizer, free_form=1)
+    module = make_module(tiny_model_dir, names, per_group=per_group, probe_share_prefix=share_prefix)
+    perturb_adapters(module)
+    module.eval()
+    with torch.no_grad():
+        probe = module.probe_logprobs(batch)
+        token = {}
+        for g, name in enumerate(names if per_group else [None]):
+            if per_group:
+                module.policy.use_adapter(name)
+            token[g] = direct_token_logprobs(module.policy.model, batch["probe_input_ids"],
+                                             batch["probe_attention_mask"])
+    continuation = batch["probe_continuation_mask"].bool()
+    for m, (b, g, o) in enumerate(batch["probe_index"].tolist()):
+        expected = token[g if per_group else 0][m][continuation[m]].sum().item()
+        assert probe["option_logprobs"][b, g, o].item() == pytest.approx(expected, abs=1e-4)
+        if o == max(int(batch["gold_index"][b]), 0):
+            per_token = expected / int(continuation[m].sum())
+            assert probe["gold_logprob"][b, g].item() == pytest.approx(per_token, abs=1e-4)
+    assert probe["group_mask"].all()
+    assert not bool(batch["has_options"][-1])  # the free-form item is probed on its gold text
+
+
+# --- which weights train ----------------------------------------------------------------------------------------------
+
+def test_training_changes_adapters_and_heads_not_base_weights(tiny_model_dir, embedded_tokenizer):
+    batches, names = make_batches(embedded_tokenizer, count=2)
+    module = make_module(tiny_model_dir, names)
+    before = snapshot(module)
+    train_steps(module, batches)
+    after = snapshot(module)
+    lora = [n for n in before if "lora_" in n]
+    heads = [n for n in before if n.startswith("value_heads.")]
+    base = [n for n in before if n not in lora and n not in heads]
+    assert lora and heads and base
+    assert all(not torch.equal(before[n], after[n]) for n in lora)
+    assert all(not torch.equal(before[n], after[n]) for n in heads)
+    assert all(torch.equal(before[n], after[n]) for n in base)
+
+
+def keep_groups(batch, keep):
+    """The batch restricted to the episodes and probe rows of the groups in `keep` (indices)."""
+    out = dict(batch)
+    rows = torch.isin(batch["group_index"], torch.tensor(keep))
+    for key in ("input_ids", "attention_mask", "action_turn", "state_end", "turn_mask", "group_index", "item_index",
+                "sample_index", "rewards", "returns", "truth", "pers", "behavior_logprob", "num_tokens"):
+        out[key] = batch[key][rows]
+    probe_rows = torch.isin(batch["probe_index"][:, 1], torch.tensor(keep))
+    for key in ("probe_input_ids", "probe_attention_mask", "probe_continuation_mask", "probe_index"):
+        out[key] = batch[key][probe_rows]
+    return out
+
+
+def test_per_group_adapters_train_only_the_batch_groups(tiny_model_dir, embedded_tokenizer):
+    batches, names = make_batches(embedded_tokenizer, count=2)
+    module = make_module(tiny_model_dir, names, per_group=True)
+    trained, untouched = names[:2], names[2]
+    before = snapshot(module)
+    train_steps(module, [keep_groups(b, [0, 1]) for b in batches])
+    after = snapshot(module)
+    for group in names:
+        adapter = [n for n in before if f".{group}." in n and "lora_" in n]
+        head = [n for n in before if n.startswith(f"value_heads.heads.{group}.")]
+        assert adapter and head
+        changed = [not torch.equal(before[n], after[n]) for n in adapter + head]
+        assert all(changed) if group in trained else not any(changed), group
+    assert untouched not in trained
+    base = [n for n in before if "lora_" not in n and not n.startswith("value_heads.")]
+    assert all(torch.equal(before[n], after[n]) for n in base)
+
+
+def test_no_reference_forward_without_kl_or_reference_objective(tiny_model_dir, embedded_tokenizer, monkeypatch):
+    (batch,), names = make_batches(embedded_tokenizer)
+    module = make_module(tiny_model_dir, names, kl_coef=0.0)
+
+    def refuse():
+        raise AssertionError("reference forward")
+
+    monkeypatch.setattr(module.policy, "reference", refuse)
+    loss, parts = module.compute_loss(batch)
+    assert torch.isfinite(loss) and parts["kl"].item() == 0.0
+    dpo = make_module(tiny_model_dir, names, objective=PairwiseDPO(), kl_coef=0.0)
+    monkeypatch.setattr(dpo.policy, "reference", refuse)
+    with pytest.raises(AssertionError, match="reference forward"):
+        dpo.compute_loss(batch)
+
+
+# --- the loss and its logged parts ------------------------------------------------------------------------------------
+
+def quiet_trainer(tmp_path, **kwargs):
+    return Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, **kwargs)
+
+
+@pytest.mark.parametrize("objective, aggregator", [(AdvantageWeighted(), NashSocialWelfare()),
+                                                   (PairwiseDPO(), GroupRobust(step_size=0.5))])
+def test_logged_loss_is_the_weighted_sum_of_its_logged_parts(tmp_path, tiny_model_dir, embedded_tokenizer, objective,
+                                                             aggregator):
+    batches, names = make_batches(embedded_tokenizer, count=2)
+    module = make_module(tiny_model_dir, names, objective=objective, aggregator=aggregator, value_coef=0.7,
+                         penalty_coef=2.0, kl_coef=0.3)
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    weights = np.array([logged[f"train/weight/{g}"] for g in names])
+    losses = np.array([logged[f"train/loss/{g}"] for g in names])
+    np.testing.assert_allclose(losses, [logged[f"train/policy_loss/{g}"] + 0.7 * logged[f"train/value_loss/{g}"]
+                                        for g in names], rtol=1e-5)
+    assert weights.sum() == pytest.approx(1.0, abs=1e-5)
+    expected = weights @ losses + 2.0 * logged["train/penalty"] + 0.3 * logged["train/kl"]
+    assert logged["train/loss"] == pytest.approx(expected, rel=1e-5)
+    assert logged["train/penalty"] > 0 and logged["train/kl"] > 0  # the adapters moved in step 1
+    assert all(logged[f"train/utility/{g}"] > 0 for g in names)
+
+
+def test_non_finite_term_stops_training_naming_step_and_term(tiny_model_dir, embedded_tokenizer):
+    (batch,), names = make_batches(embedded_tokenizer)
+    module = make_module(tiny_model_dir, names)
+    broken = copy.copy(batch)
+    broken["returns"] = batch["returns"].clone()
+    broken["returns"][batch["group_index"] == 1, 0] = float("nan")
+    with pytest.raises(TriAlignError, match=rf"training step 0: value_loss for group\(s\) \['{names[1]}'\]"):
+        module.training_step(broken, 0)
+
+
+# --- validation ---------------------------------------------------------------------------------------------------------
+
+def test_validation_metrics_match_a_direct_computation(tmp_path, tiny_model_dir, embedded_tokenizer):
+    batches, names = make_batches(embedded_tokenizer, count=3, items=2, seed=3)
+    module = make_module(tiny_model_dir, names, reference_group="reference")
+    perturb_adapters(module, seed=1)
+    (results,) = quiet_trainer(tmp_path).validate(module, dataloaders=DataLoader(batches, batch_size=None),
+                                                  verbose=False)
+    answers, correct = [], []
+    with torch.no_grad():
+        for batch in batches:
+            token = direct_token_logprobs(module.policy.model.eval(), batch["probe_input_ids"],
+                                          batch["probe_attention_mask"])
+            scores = np.full((len(batch["item_ids"]), len(names), batch["option_mask"].shape[1]), -np.inf)
+            for m, (b, g, o) in enumerate(batch["probe_index"].tolist()):
+                scores[b, g, o] = token[m][batch["probe_continuation_mask"][m].bool()].sum().item()
+            chosen = scores.argmax(-1)
+            answers.append(chosen)
+            correct.append(np.take_along_axis(batch["correct_options"].numpy(), chosen, axis=1))
+    answers, correct = np.concatenate(answers), np.concatenate(correct)
+    accuracy = correct.mean(0)
+    consistent = (answers == answers[:, :1]).all(1)
+    assert results["val/consistency"] == pytest.approx(consistent.mean())
+    assert results["val/consistent_correct"] == pytest.approx((consistent & correct.all(1)).mean())
+    for g, name in enumerate(names):
+        assert results[f"val/acc/{name}"] == pytest.approx(accuracy[g])
+    assert results["val/acc_worst"] == pytest.approx(accuracy.min())
+    assert results["val/acc_gap"] == pytest.approx(accuracy.max() - accuracy.min())
+    reference_correct = correct[:, 0]
+    for g, name in enumerate(names[1:], start=1):
+        broken = (reference_correct & ~correct[:, g]).sum() / max(reference_correct.sum(), 1)
+        assert results[f"val/breakage/{name}"] == pytest.approx(broken)
+    assert 0 < consistent.mean() < 1 or 0 < accuracy.mean() < 1  # the data is not degenerate
+
+
+# --- export ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_exported_adapters_load_with_peft_and_give_the_same_logits(tmp_path, tiny_model_dir, embedded_tokenizer,
+                                                                   per_group):
+    from peft import PeftModel
+
+    batches, names = make_batches(embedded_tokenizer)
+    module = make_module(tiny_model_dir, names, per_group=per_group)
+    train_steps(module, batches, steps=2)
+    folder = module.export_adapters(tmp_path / "adapter")
+    module.eval()
+    ids, mask = batches[0]["input_ids"][:2], batches[0]["attention_mask"][:2]
+    for adapter in (names if per_group else ["default"]):
+        path = folder / adapter if per_group else folder
+        loaded = PeftModel.from_pretrained(load_model(tiny_model_dir), str(path)).eval()
+        if per_group:
+            module.policy.use_adapter(adapter)
+        with torch.no_grad():
+            expected = module.policy.model(input_ids=ids, attention_mask=mask).logits
+            got = loaded(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    heads = load_value_heads(folder)
+    assert heads.group_names == names
+    for key, tensor in module.value_heads.state_dict().items():
+        torch.testing.assert_close(heads.state_dict()[key], tensor)
+    assert not list(tmp_path.glob(".adapter*"))  # no temporary folder left behind
