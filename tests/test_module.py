@@ -294,3 +294,36 @@ def test_exported_adapters_load_with_peft_and_give_the_same_logits(tmp_path, tin
     for key, tensor in module.value_heads.state_dict().items():
         torch.testing.assert_close(heads.state_dict()[key], tensor)
     assert not list(tmp_path.glob(".adapter*"))  # no temporary folder left behind
+
+
+# --- resumption through the CLI ---------------------------------------------------------------------------------------
+
+def test_resume_from_last_checkpoint_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    from data_factory import write_synthetic_rollout
+    from trialign.lightning_cli import main
+
+    data = write_synthetic_rollout(tmp_path / "data", items=8, groups=["neutral", "teen", "retiree"], seed=1)
+
+    def fit(root, steps, *extra):
+        argv = ["fit", "--config", "configs/trialign.yaml", "--model.model", tiny_model_dir,
+                "--model.lora.target_modules", "all-linear", "--model.aggregator",
+                "configs/components/aggregator/group_robust.yaml", "--data.data_dir", str(data),
+                "--trainer.default_root_dir", str(tmp_path / root), "--trainer.max_steps", str(steps),
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                "--validate_before_fit", "false", "--validate_after_fit", "false", *extra]
+        assert main(argv) == 0
+
+    # 6 training items, one per step: the resumed part crosses an epoch boundary.
+    fit("straight", 8)
+    fit("resumed", 2)
+    fit("resumed", 8, "--ckpt_path", "last")
+    straight = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
+    assert straight["global_step"] == resumed["global_step"] == 8
+    state = straight["state_dict"]
+    assert set(state) == set(resumed["state_dict"])
+    assert {"utility.average", "aggregator.group_log_weights"} <= set(state)
+    assert not any(key.endswith("q_proj.base_layer.weight") for key in state)  # frozen weights are not saved
+    for key, tensor in state.items():
+        torch.testing.assert_close(resumed["state_dict"][key], tensor, rtol=0, atol=0, msg=key)
+    assert (tmp_path / "resumed/adapter/adapter_model.safetensors").is_file()

@@ -181,6 +181,8 @@ class TriAlignModule(LightningModule):
         self.value_heads: GroupValueHeads | None = None
         self.utility = GroupUtility(self.group_names, ema=utility_ema)
         self.val_metrics = self._validation_metrics()
+        self.last_validated_step: int | None = None
+        """Global step of the last completed validation or test pass (None before any)."""
         # The frozen base weights are not saved in checkpoints (see on_save_checkpoint).
         self.strict_loading = False
 
@@ -428,28 +430,47 @@ class TriAlignModule(LightningModule):
         items = keep.nonzero().squeeze(1)
         return {"answers": answers[items], "correct": correct[items], "items": items, **probe}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _evaluation_step(self, batch: dict[str, Any], prefix: str) -> None:
         read = self.probe_answers(batch)
         if read["items"].numel():
             self.val_metrics.update(answers=read["answers"], correct=read["correct"])
         penalty = self.penalty(read["option_logprobs"], batch["option_mask"], read["gold_logprob"],
                                read["group_mask"], batch["has_options"])
-        self.log("val/penalty", penalty.float(), on_step=False, on_epoch=True,
+        self.log(f"{prefix}/penalty", penalty.float(), on_step=False, on_epoch=True,
                  batch_size=int(batch["option_mask"].shape[0]), sync_dist=True)
 
-    def on_validation_epoch_start(self) -> None:
+    def _start_evaluation(self) -> None:
         # `trainer.validate` runs in inference mode, the validation inside `fit` does not: states created in one
         # (inference tensors) could not be updated in place in the other, so they are always created outside it.
         with torch.inference_mode(False):
             self.val_metrics.reset()
 
-    def on_validation_epoch_end(self) -> None:
+    def _end_evaluation(self, prefix: str) -> None:
         results = flatten_results(self.val_metrics.compute(), self.group_names)
-        if self.trainer is not None and self.trainer.sanity_checking:
+        if self._trainer is not None and self.trainer.sanity_checking:
             return
+        self.last_validated_step = self.global_step
         # compute() has already summed the states across ranks, so every rank holds the same values.
-        self.log_dict({f"val/{name}": float(value) for name, value in results.items()}, sync_dist=False,
+        self.log_dict({f"{prefix}/{name}": float(value) for name, value in results.items()}, sync_dist=False,
                       rank_zero_only=False)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_evaluation("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
 
     # --- checkpoints and export -----------------------------------------------------------------------------------
 
