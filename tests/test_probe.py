@@ -90,6 +90,39 @@ def test_batched_scores_equal_direct_computation(tiny_model, embedded_tokenizer,
     assert max(lengths) > 3 * min(lengths)
 
 
+def test_common_prefix_of_a_batch_runs_once(tiny_model, embedded_tokenizer):
+    persona = "I am a 72-year-old retired farmer from rural Iowa and I never finished high school. "
+    questions = ["Is water wet?", "Why is the sky blue? " * 12, "Which planet is the largest one in our solar system?"]
+    contexts = [render_context(embedded_tokenizer, [{"role": "user", "content": persona + q}]) for q in questions]
+    shapes = []
+    hook = tiny_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        scores = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=3).score_options(contexts, OPTIONS)
+    finally:
+        hook.remove()
+    template_and_persona = SMOL_SYSTEM + "<|im_start|>user\n" + persona
+    prefix = len(embedded_tokenizer(template_and_persona, add_special_tokens=False).input_ids)
+    assert shapes[0][0] == 1 and prefix - 2 <= shapes[0][1] <= prefix + 2  # the shared prefix, alone
+    assert shapes[1][0] == 3  # then the three contexts' own tokens on top of its repeated cache
+    for context, options, score in zip(contexts, OPTIONS, scores):
+        expected = [direct_loglik(tiny_model, embedded_tokenizer, context, option)[0] for option in options]
+        np.testing.assert_allclose(score.logliks, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_scores_are_exact_in_float64(tiny_model, embedded_tokenizer, contexts, share_prefix):
+    # In float64 rounding vanishes: batching, padding and cache reuse must not change the result at all.
+    model = tiny_model.double()
+    scores = AnswerProbe(model, embedded_tokenizer, batch_size=2, share_prefix=share_prefix).score_options(
+        contexts, OPTIONS
+    )
+    for context, options, score in zip(contexts, OPTIONS, scores):
+        expected = [direct_loglik(model, embedded_tokenizer, context, option)[0] for option in options]
+        np.testing.assert_allclose(score.logliks, expected, atol=1e-9, rtol=0)
+
+
 def test_trailing_whitespace_moves_into_the_continuation(tiny_model, embedded_tokenizer, contexts):
     probe = AnswerProbe(tiny_model, embedded_tokenizer)
     with_space, without = probe.score_options([contexts[0] + " ", contexts[0]], [["Yes"], ["Yes"]])

@@ -36,6 +36,10 @@ TARGET_DELIMITER = " "
 """Put between the context and an option (lm-eval's ``target_delimiter``)."""
 
 _CHAT_ROLES = ("system", "user", "assistant")
+_CLUSTER_TOKENS = 32
+"""Contexts whose first this many tokens agree are batched together (see `AnswerProbe._context_batches`)."""
+_MIN_SHARED_PREFIX = 16
+"""A batch's common prefix runs separately only from this length on (below, the extra forward costs more)."""
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
@@ -117,8 +121,9 @@ def _eval_mode(model) -> Iterator[None]:
 
 
 def _continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] without materializing the full log-softmax (logits are vocab-sized)."""
-    logits = logits.float()
+    """log softmax(logits)[target] without materializing the full log-softmax (logits are vocab-sized); half-precision
+    logits are upcast to float32 first, float32/float64 ones are used as they are."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -241,23 +246,49 @@ class AnswerProbe:
             for values, rows, opts in zip(logliks, continuation_ids, options)
         ]
 
-    def _context_batches(self, context_ids: list[list[int]]) -> list[list[list[int]]]:
-        """Batches of distinct contexts, longest first (peak memory comes at once) so a batch holds similar lengths.
-        Each entry lists the indices of all contexts with those tokens: a repeated context runs once."""
+    def _context_batches(self, context_ids: list[list[int]], *, cluster: bool) -> list[list[list[int]]]:
+        """Batches of distinct contexts; each entry lists the indices of all contexts with those tokens (a repeated
+        context runs once). Longest first, so a batch holds similar lengths and the memory peak comes at once; with
+        `cluster`, contexts that begin alike (same first `_CLUSTER_TOKENS` tokens: system prompt and persona, say)
+        are kept together first, so that a batch shares a long common prefix that runs once."""
         same: dict[tuple[int, ...], list[int]] = {}
         for index, ids in enumerate(context_ids):
             same.setdefault(tuple(ids), []).append(index)
-        groups = sorted(same.values(), key=lambda group: -len(context_ids[group[0]]))
+        if cluster:
+            groups = sorted(same.values(), key=lambda g: (context_ids[g[0]][:_CLUSTER_TOKENS], -len(context_ids[g[0]])))
+        else:
+            groups = sorted(same.values(), key=lambda g: -len(context_ids[g[0]]))
         return [groups[i : i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
 
+    def _run_contexts(self, contexts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """One forward over a batch of contexts: (last position's logits, KV cache, attention mask of the cache).
+
+        The batch's common prefix runs once and its cache is repeated per context; the rest is left-padded after
+        it, so padding may sit between prefix and rest, which the mask and position ids account for."""
+        shortest = min(len(ids) for ids in contexts)
+        prefix = 0
+        # Each context keeps at least its last token: its logits predict the first option token.
+        while prefix < shortest - 1 and all(ids[prefix] == contexts[0][prefix] for ids in contexts):
+            prefix += 1
+        if len(contexts) == 1 or prefix < _MIN_SHARED_PREFIX:
+            prefix = 0
+        rest_ids, rest_mask = _left_pad([ids[prefix:] for ids in contexts], self.pad_id, self.device)
+        cache = DynamicCache(config=self.model.config)
+        if prefix:
+            shared = torch.tensor([contexts[0][:prefix]], device=self.device)
+            self._forward(input_ids=shared, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(contexts))
+        mask = torch.cat([torch.ones_like(rest_mask[:, :1]).expand(-1, prefix), rest_mask], dim=1)
+        out = self._forward(
+            input_ids=rest_ids, attention_mask=mask, position_ids=_positions(mask)[:, prefix:], past_key_values=cache,
+            use_cache=True, logits_to_keep=1,
+        )
+        return out.logits[:, -1, :], out.past_key_values, mask
+
     def _score_shared(self, context_ids, continuation_ids, logliks) -> None:
-        for batch in tqdm(self._context_batches(context_ids), desc="probe", unit="batch", disable=not self.progress):
-            ids, mask = _left_pad([context_ids[group[0]] for group in batch], self.pad_id, self.device)
-            out = self._forward(
-                input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1
-            )
-            last_logits = out.logits[:, -1, :]
-            cache = out.past_key_values
+        batches = self._context_batches(context_ids, cluster=True)
+        for batch in tqdm(batches, desc="probe", unit="batch", disable=not self.progress):
+            last_logits, cache, mask = self._run_contexts([context_ids[group[0]] for group in batch])
             # rows: (row of the batch, context index, option index).
             rows = [(b, c, o) for b, group in enumerate(batch) for c in group for o in range(len(continuation_ids[c]))]
             first = torch.tensor([continuation_ids[c][o][0] for _, c, o in rows], device=self.device)
@@ -342,7 +373,7 @@ class AnswerProbe:
         answers = [""] * len(contexts)
         stop_ids = self._stop_ids()
         with torch.inference_mode(), _eval_mode(self.model):
-            batches = self._context_batches(context_ids)
+            batches = self._context_batches(context_ids, cluster=False)
             for batch in tqdm(batches, desc="decode", unit="batch", disable=not self.progress):
                 ids, mask = _left_pad([context_ids[group[0]] for group in batch], self.pad_id, self.device)
                 positions = _positions(mask)
