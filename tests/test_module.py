@@ -273,6 +273,7 @@ def test_validation_metrics_match_a_direct_computation(tmp_path, tiny_model_dir,
 def test_exported_adapters_load_with_peft_and_give_the_same_logits(tmp_path, tiny_model_dir, embedded_tokenizer,
                                                                    per_group):
     from peft import PeftModel
+    from safetensors import safe_open
 
     batches, names = make_batches(embedded_tokenizer)
     module = make_module(tiny_model_dir, names, per_group=per_group)
@@ -294,6 +295,13 @@ def test_exported_adapters_load_with_peft_and_give_the_same_logits(tmp_path, tin
     for key, tensor in module.value_heads.state_dict().items():
         torch.testing.assert_close(heads.state_dict()[key], tensor)
     assert not list(tmp_path.glob(".adapter*"))  # no temporary folder left behind
+    # A checkpoint exports from its state dict (the gathered one under FSDP): the same files.
+    from_state = module.export_adapters(tmp_path / "from_state", state_dict=module.state_dict())
+    for path in folder.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as a, safe_open(str(from_state / path.relative_to(folder)), "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+            for key in a.keys():
+                torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=0, atol=0)
 
 
 # --- resumption through the CLI ---------------------------------------------------------------------------------------

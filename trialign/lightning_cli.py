@@ -6,6 +6,9 @@ Components are swapped by class_path, from a file or inline:
 ``--model.aggregator configs/components/aggregator/maxmin.yaml``. Several ``--config`` files merge in order
 (``--config configs/trialign.yaml --config configs/strategy/ddp_cpu.yaml``).
 
+Bad input is one line on stderr and exit status 2: the parser is told not to exit, and its error (an unknown
+class_path, a wrong type, a missing file) becomes a `TriAlignError`.
+
 Shared values are linked, not repeated: the data's group names become the module's, and the module's model source is
 the data's tokenizer. A `ModelCheckpoint` is part of the CLI (``--checkpoint.*``, ``save_last`` on); its folder
 defaults to ``<trainer.default_root_dir>/checkpoints`` — a fixed folder (not the logger's versioned one), so that
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from argparse import ArgumentError
 from typing import Sequence
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -82,22 +87,34 @@ class TriAlignCLI(LightningCLI):
             self.trainer.validate(self.model, datamodule=self.datamodule)
 
 
+def make_cli(args: Sequence[str], run: bool = True, cli_class: type[TriAlignCLI] = TriAlignCLI) -> TriAlignCLI:
+    """The CLI on `args` (with `run=False`, no subcommand: it parses and instantiates only)."""
+    return cli_class(
+        TriAlignModule,
+        GroupTrajectoryDataModule,
+        args=list(args),
+        run=run,
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; `argv` starts with the subcommand (``fit``, ``validate`` or ``test``). Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("fit", "validate", "test"):
         raise TriAlignError(f"training command: expected fit, validate or test, got {argv[:1]}")
+    # LightningCLI warns when `args` is given while sys.argv holds arguments too; here they are the same ones, and
+    # sys.argv must stay as it is: DDP's launcher starts the other ranks with it.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        TriAlignCLI(
-            TriAlignModule,
-            GroupTrajectoryDataModule,
-            args=argv,
-            parser_kwargs={"parser_mode": "omegaconf"},
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-        )
-    except SystemExit as exit_:
+        make_cli(argv)
+    except ArgumentError as err:
+        # jsonargparse's report (e.g. an unknown class_path, with what it tried) in one line, without the usage.
+        raise TriAlignError(f"{argv[0]}: {err} (run `python -m trialign {argv[0]} --help` for the options)") from None
+    except SystemExit as exit_:  # --help, --print_config
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     return 0

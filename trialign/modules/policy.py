@@ -211,7 +211,9 @@ class Policy(nn.Module):
         rows, steps_in = option_mask.nonzero(as_tuple=True)
         return rows, self.token_logprobs(predicted_by[rows, steps_in], option_ids[rows, steps_in])
 
-    def save_adapters(self, directory) -> None:
+    def save_adapters(self, directory, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the adapters with `save_pretrained` (safetensors): the shared adapter at the top of `directory`,
-        per-group adapters in `directory/<group>/`."""
-        self._require_built().save_pretrained(str(directory), safe_serialization=True)
+        per-group adapters in `directory/<group>/`. `state_dict` (keys of the peft model) replaces the live
+        weights, e.g. a gathered full state dict under FSDP."""
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
+        self._require_built().save_pretrained(str(directory), safe_serialization=True, **kwargs)

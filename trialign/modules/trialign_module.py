@@ -33,8 +33,10 @@ Where we fill in for the paper:
 Checkpoints: Lightning checkpoints hold the trainable weights (adapters, heads), the component states (GroupUtility
 EMA, GroupRobust weights are buffers) and the optimizer; the frozen base weights are left out (they come from the
 model source, and `strict_loading` is off for them only — a checkpoint missing a trainable key is an error). Besides,
-every checkpoint and the end of training export `adapter_dir` (default `<log_dir>/adapter`) with the adapters
-(`save_pretrained`, safetensors; loadable with `PeftModel.from_pretrained`) and `value_heads.safetensors`.
+every checkpoint and the end of training export `adapter_dir` (default `<log_dir>/adapter`; the CLI's is
+`<default_root_dir>/adapter`) with the adapters (`save_pretrained`, safetensors; loadable with
+`PeftModel.from_pretrained`) and `value_heads.safetensors`. A checkpoint exports from its own state dict, which under
+FSDP (`state_dict_type: full`) is the gathered one; at the end of an FSDP run the live shards are not exported.
 Resuming with `ckpt_path` is exact at epoch boundaries; mid-epoch it restarts the epoch's data unless the data
 loader is stateful (Lightning's rule).
 """
@@ -482,7 +484,8 @@ class TriAlignModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self._frozen_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
-        self.export_adapters()
+        # From the checkpoint's state dict, not the live module: under FSDP that is the gathered full one.
+        self.export_adapters(state_dict=checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = set(checkpoint.get("state_dict", {}))
@@ -493,6 +496,10 @@ class TriAlignModule(LightningModule):
                                 f"{' ...' if len(missing) > 5 else ''}; was it written by another model config?")
 
     def on_train_end(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            return  # the live parameters are shards; the last checkpoint has exported the full adapters
         self.export_adapters()
 
     def export_directory(self) -> Path:
@@ -502,22 +509,31 @@ class TriAlignModule(LightningModule):
         base = (trainer.log_dir or trainer.default_root_dir) if trainer is not None else "."
         return Path(base) / "adapter"
 
-    def export_adapters(self, directory: str | os.PathLike | None = None) -> Path | None:
+    def export_adapters(self, directory: str | os.PathLike | None = None,
+                        state_dict: dict[str, Tensor] | None = None) -> Path | None:
         """Write the adapters (peft `save_pretrained`, safetensors) and `value_heads.safetensors` to `directory`
         (default `export_directory()`), atomically: into a temporary folder that then replaces the old one.
-        Runs on global rank 0 only; returns the folder (None on other ranks)."""
+
+        The weights come from `state_dict` (this module's keys, e.g. a checkpoint's) when given, else from the
+        module itself. Runs on global rank 0 only; returns the folder (None on other ranks)."""
         from safetensors.torch import save_file
 
         if self._trainer is not None and not self.trainer.is_global_zero:
             return None
         if not self.policy.built or self.value_heads is None:
             return None
+        if state_dict is None:
+            adapter_state = None
+            head_state = self.value_heads.state_dict()
+        else:
+            adapter_state = {k[len("policy.model."):]: v for k, v in state_dict.items() if k.startswith("policy.model.")}
+            head_state = {k[len("value_heads."):]: v for k, v in state_dict.items() if k.startswith("value_heads.")}
         target = Path(directory) if directory is not None else self.export_directory()
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            self.policy.save_adapters(tmp)
-            heads = {k: v.detach().to("cpu").contiguous() for k, v in self.value_heads.state_dict().items()}
+            self.policy.save_adapters(tmp, adapter_state)
+            heads = {k: v.detach().to("cpu").contiguous() for k, v in head_state.items()}
             save_file(heads, str(tmp / HEADS_FILE), metadata={"group_names": json.dumps(self.group_names)})
             old = None
             if target.exists():
