@@ -1,0 +1,244 @@
+"""The rollout environment: K episodes of T turns for every (item, group) of a chunk of items, as dataset rows.
+
+One turn of every episode of the chunk advances together: the states of all items x groups x samples are sampled
+in one batched call, then scored in one probe call. Per assistant turn (DESIGN.md, "Environment and
+trajectories"):
+
+* ``truth_t``: the answer probe's reading of the message (the conversation so far, the message, "Final answer:")
+  is correct;
+* ``pers_t``: the fraction of the group's verifiable preferences the message satisfies (1 for a group without
+  preferences, see `trialign.preferences.preference_score`);
+* ``r_t = truth_t + alpha * pers_t`` and the discounted return ``R_t = sum_{k>=t} gamma^(k-t) r_k`` (episodes end
+  after turn T-1: no bootstrap);
+* ``log mu(a_t | s_t)`` at temperature 1 and the action's token count (`trialign.rollout.sampler`).
+
+Row layout: `trialign.rollout.schema`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from trialign.groups import Group
+from trialign.preferences import preference_score
+from trialign.probe import AnswerProbe, render_context
+from trialign.prompts import build_messages
+from trialign.rollout.sampler import Sample, action_piece, end_of_turn_id, score_actions
+from trialign.rollout.simulator import UserSimulator
+from trialign.tasks.item import Item
+
+
+class Sampler(Protocol):
+    def sample(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
+               seed: int) -> list[Sample]: ...
+
+
+@dataclass
+class Action:
+    """One assistant message a_t as stored."""
+
+    text: str
+    """The message text, decoded without special tokens."""
+    piece: str
+    """Its template text up to and including the end-of-turn token (`trialign.rollout.sampler.action_piece`)."""
+    token_ids: list[int]
+    """Tokens of `piece`: what training scores as a_t."""
+    logprob: float
+    """log mu(a_t | s_t) at temperature 1, summed over `token_ids`."""
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts`, stable across processes and Python versions."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def discounted_returns(rewards: Sequence[float], gamma: float) -> list[float]:
+    """R_t = sum_{k>=t} gamma^(k-t) r_k, computed backwards."""
+    returns, running = [0.0] * len(rewards), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = rewards[t] + gamma * running
+        returns[t] = running
+    return returns
+
+
+@dataclass
+class EpisodeSettings:
+    """What shapes the episodes (a subset of `RolloutConfig`)."""
+
+    samples: int
+    """K episodes per (item, group)."""
+    turns: int
+    """T assistant turns per episode."""
+    temperature: float
+    """Sampling temperature of the behavior policy."""
+    max_new_tokens: int
+    """Length limit of one assistant message."""
+    alpha: float
+    """Personalization weight of the reward."""
+    gamma: float
+    """Discount of the returns."""
+    expression: str = "explicit"
+    """Persona expression of the first user turn."""
+    system_prompt: str | None = None
+    """System message of every episode (None for none)."""
+    show_preferences: bool = True
+    """State the group's preferences in the first user turn."""
+
+
+@dataclass
+class _Episode:
+    item: Item
+    group: Group
+    sample: int
+    messages: list[dict[str, str]]
+    turns: list[dict] = field(default_factory=list)
+    rendered: str = ""
+    """Chat-template text of the conversation so far, up to the end of the last action."""
+    token_ids: list[int] = field(default_factory=list)
+    """Its tokens, piece by piece (states and actions tokenized separately)."""
+
+    def state(self, tokenizer) -> list[int]:
+        """Tokens of s_t: the conversation so far, then the new user turn and the generation prompt.
+
+        Like the training data module (`trialign.datamodules.collate`), the template text after the last action is
+        tokenized on its own and appended to the tokens so far, so s_t is tokenized the same way for mu and pi."""
+        prompt = tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
+        if self.rendered and prompt.startswith(self.rendered):
+            new = tokenizer(prompt[len(self.rendered):], add_special_tokens=False)["input_ids"]
+            self.token_ids = self.token_ids + list(new)
+        else:  # first turn, or a template that re-renders earlier turns differently
+            self.token_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        self.rendered = prompt
+        return self.token_ids
+
+    def act(self, action: Action) -> None:
+        """Append the action a_t to the conversation."""
+        self.messages.append({"role": "assistant", "content": action.text})
+        self.rendered += action.piece
+        self.token_ids = self.token_ids + action.token_ids
+
+
+def to_actions(tokenizer, episodes: Sequence[_Episode], prompts: Sequence[list[int]], samples: Sequence[Sample],
+               *, end_id: int, model, batch_size: int) -> list[Action]:
+    """The samples as actions in the template's tokens; log mu from the sampler where its tokens are the action's,
+    else from a forward pass."""
+    end_text = tokenizer.decode([end_id])
+    actions: list[Action] = []
+    rescore: list[int] = []
+    for index, (episode, sample) in enumerate(zip(episodes, samples)):
+        text = tokenizer.decode(sample.tokens, skip_special_tokens=True)
+        piece = action_piece(tokenizer, episode.messages, episode.rendered, text, end_text)
+        ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        sampled = sample.tokens + [end_id if sample.stop is None else sample.stop]
+        if sample.logprob is None or ids != sampled:
+            rescore.append(index)
+        actions.append(Action(text, piece, ids, sample.logprob if sample.logprob is not None else float("nan")))
+    if rescore:
+        scores = score_actions(model, tokenizer, [prompts[i] for i in rescore],
+                               [actions[i].token_ids for i in rescore], batch_size=batch_size)
+        for index, score in zip(rescore, scores):
+            actions[index].logprob = score
+    return actions
+
+
+@dataclass
+class ChunkStats:
+    """Work done for one chunk (for throughput reports)."""
+
+    sampled_tokens: int = 0
+    """Tokens produced by the sampler over all turns."""
+    episodes: int = 0
+    """Episodes generated."""
+
+
+def run_chunk(
+    items: Sequence[Item],
+    groups: Sequence[Group],
+    settings: EpisodeSettings,
+    *,
+    model,
+    tokenizer,
+    sampler: Sampler,
+    probe: AnswerProbe,
+    simulator: UserSimulator,
+    seed: int,
+    score_batch_size: int = 16,
+) -> tuple[list[dict], ChunkStats]:
+    """Dataset rows (one per item, groups in the given order) for `items`; `seed` drives this chunk's sampling."""
+    episodes = [
+        _Episode(item, group, k, build_messages(item, group, expression=settings.expression,
+                                                system_prompt=settings.system_prompt,
+                                                show_preferences=settings.show_preferences))
+        for item in items for group in groups for k in range(settings.samples)
+    ]
+    stats = ChunkStats(episodes=len(episodes))
+    end_id = end_of_turn_id(tokenizer)
+    for t in range(settings.turns):
+        kinds = ["question"] * len(episodes)
+        if t > 0:
+            for index, episode in enumerate(episodes):
+                user = simulator.turn(episode.item, episode.group, episode.sample, t)
+                episode.messages.append({"role": "user", "content": user.text})
+                kinds[index] = user.kind
+        prompts = [e.state(tokenizer) for e in episodes]
+        samples = sampler.sample(prompts, max_new_tokens=settings.max_new_tokens,
+                                 temperature=settings.temperature, seed=derive_seed(seed, "turn", t))
+        stats.sampled_tokens += sum(s.num_sampled for s in samples)
+        actions = to_actions(tokenizer, episodes, prompts, samples, end_id=end_id, model=model,
+                             batch_size=score_batch_size)
+        contexts = [render_context(tokenizer, e.messages, response=a.text) for e, a in zip(episodes, actions)]
+        readings = probe.answer([e.item for e in episodes], contexts)
+        for episode, action, reading, kind in zip(episodes, actions, readings, kinds):
+            truth = int(bool(reading.correct))
+            pers = float(preference_score(action.text, episode.group.preferences))
+            episode.turns.append({
+                "user": episode.messages[-1]["content"],
+                "user_kind": kind,
+                "assistant": action.text,
+                "answer": reading.answer,
+                "option_logprobs": [float(x) for x in reading.option_logprobs],
+                "gold_logprob": float(reading.gold_logprob),
+                "truth": truth,
+                "pers": pers,
+                "reward": truth + settings.alpha * pers,
+                "behavior_logprob": float(action.logprob),
+                "num_tokens": len(action.token_ids),
+            })
+            episode.act(action)
+    for episode in episodes:
+        for turn, ret in zip(episode.turns, discounted_returns([x["reward"] for x in episode.turns], settings.gamma)):
+            turn["ret"] = ret
+    return _rows(items, groups, episodes, settings), stats
+
+
+def _rows(items: Sequence[Item], groups: Sequence[Group], episodes: list[_Episode],
+          settings: EpisodeSettings) -> list[dict]:
+    rows, position = [], 0
+    for item in items:
+        row_groups = []
+        for group in groups:
+            mine = episodes[position:position + settings.samples]
+            position += settings.samples
+            row_groups.append({
+                "group": group.id,
+                "system": settings.system_prompt or "",
+                "expression": settings.expression,
+                "preferences": list(group.preferences),
+                "episodes": [{"sample": e.sample, "turns": e.turns} for e in mine],
+            })
+        rows.append({
+            "item_id": item.id,
+            "task": item.task,
+            "question": item.question,
+            "context": item.context,
+            "options": list(item.options or ()),
+            "gold_index": int(item.gold) if item.has_options else -1,
+            "correct_options": list(item.correct_options) if item.has_options else [],
+            "gold_text": item.options[int(item.gold)] if item.has_options and item.options else str(item.gold),
+            "answer_type": item.answer_type,
+            "groups": row_groups,
+        })
+    return rows

@@ -1,0 +1,242 @@
+"""Sampling assistant messages from the behavior policy mu, and log mu of each action at temperature 1.
+
+An *action* a_t is the assistant message as the chat template writes it into the conversation: its text, up to
+and including the end-of-turn token (`action_piece`), tokenized on its own, the rule the training collator
+(`trialign.datamodules.collate`) uses. Training recomputes log pi(a_t | s_t) on exactly these tokens, so the stored
+log mu equals log pi of the untrained policy and the importance ratio pi/mu starts at 1.
+
+log mu is taken at temperature 1 (the model's own distribution) whatever the sampling temperature: temperature
+only diversifies the data. It comes from `generate`'s raw logits (``output_logits=True``) when the sampled tokens
+are the action's tokens; a message cut at `max_new_tokens` gets the log-probability of its end-of-turn token from
+one more decode step on `generate`'s KV cache. Otherwise — a text that re-tokenizes differently, sampling under
+bf16 autocast, or the vLLM backend — a forward pass of the model in its own dtype scores the action
+(`score_actions`).
+
+Batched generation: every prompt of a call is left-padded into one `generate` call with a KV cache, each row
+stopping at an end-of-turn/EOS token or `max_new_tokens`. ``min_new_tokens=1`` keeps messages non-empty (it masks
+the end tokens at the first step only, a negligible departure from mu).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from trialign.errors import TriAlignError
+
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+@dataclass
+class Sample:
+    """One sampled message, as the sampler produced it."""
+
+    tokens: list[int]
+    """Sampled tokens before the stop token (if any)."""
+    stop: int | None
+    """The stop token that ended the message, or None when it was cut at `max_new_tokens`."""
+    logprob: float | None
+    """log mu at temperature 1 of `tokens` + [stop], or of `tokens` + [end-of-turn] for a cut message (one more
+    decode step); None when the sampler did not compute it."""
+
+    @property
+    def num_sampled(self) -> int:
+        """Tokens the sampler generated, the stop token included."""
+        return len(self.tokens) + (self.stop is not None)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template closes an assistant message with (``<|im_end|>`` for ChatML)."""
+    marker = "\x00MARK\x00"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    tail = rendered.split(marker, 1)[1] if marker in rendered else ""
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+    if tail_ids:
+        return int(tail_ids[0])
+    if tokenizer.eos_token_id is None:
+        raise TriAlignError(f"tokenizer {tokenizer.name_or_path!r}: no end-of-turn or EOS token to end a message")
+    return int(tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Tokens that end a sampled message: the end-of-turn token, EOS, and the model's configured EOS ids."""
+    ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    for token in _END_OF_TURN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def action_piece(tokenizer, messages: Sequence[dict[str, str]], prompt: str, text: str, end_text: str) -> str:
+    """The template text of assistant message `text` after `messages` (whose render with the generation prompt is
+    `prompt`), up to and including its last end-of-turn token: the action a_t as training tokenizes it."""
+    full = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": text}], tokenize=False, add_generation_prompt=False
+    )
+    if not full.startswith(prompt):  # a template that re-renders earlier turns: fall back to the plain rule
+        return text + end_text
+    segment = full[len(prompt):]
+    end = segment.rfind(end_text)
+    return segment[: end + len(end_text)] if end >= 0 else segment
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad) if pad is not None else 0
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per row, without materializing the log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+@torch.inference_mode()
+def score_actions(
+    model, tokenizer, prompts: Sequence[Sequence[int]], actions: Sequence[Sequence[int]], *, batch_size: int = 16
+) -> list[float]:
+    """log p(action | prompt) at temperature 1, summed over the action's tokens, by a forward pass of `model`
+    (left-padded batches of similar length; only the action positions' logits are computed)."""
+    if len(prompts) != len(actions):
+        raise ValueError(f"score_actions: {len(prompts)} prompts but {len(actions)} actions")
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    totals = [0.0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(actions[i])))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = _left_pad([list(prompts[i]) + list(actions[i]) for i in chunk], pad, device)
+        keep = max(len(actions[i]) for i in chunk) + 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        # Logit j of the kept window predicts token (width - keep + 1 + j); actions end the left-padded rows.
+        targets = ids[:, -keep + 1:]
+        token_logprobs = _token_logprobs(logits[:, :-1].flatten(0, 1), targets.flatten()).view(targets.shape)
+        for row, index in enumerate(chunk):
+            totals[index] = float(token_logprobs[row, -len(actions[index]):].sum())
+    return totals
+
+
+class HFSampler:
+    """Samples with transformers `generate`: one call for all prompts given, left padding, KV cache."""
+
+    def __init__(self, model, tokenizer, *, autocast: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.autocast = autocast
+        self.end_id = end_of_turn_id(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.pad_id = _pad_id(tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def sample(
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, seed: int
+    ) -> list[Sample]:
+        """One message per prompt (token ids of the rendered state); log mu at temperature 1 unless autocast."""
+        from transformers import GenerationConfig
+
+        ids, mask = _left_pad(prompts, self.pad_id, self.device)
+        config = GenerationConfig(
+            do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            min_new_tokens=1, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, output_logits=True,
+            return_dict_in_generate=True,
+        )
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        width = ids.shape[1]
+        new_tokens = out.sequences[:, width:].tolist()
+        stops = [next((i for i, t in enumerate(tokens) if t in self.stop_ids), None) for tokens in new_tokens]
+        if self.autocast:  # bf16 logits are too coarse for log mu: the caller rescores in the model's dtype
+            return [Sample(tokens[:stop], tokens[stop] if stop is not None else None, None)
+                    for tokens, stop in zip(new_tokens, stops)]
+        # Raw (unprocessed) logits of each step: log mu at temperature 1 of the sampled token.
+        step_logprobs = torch.stack(
+            [_token_logprobs(step, out.sequences[:, width + s]) for s, step in enumerate(out.logits)], dim=1
+        ).tolist()
+        cut = [row for row, stop in enumerate(stops) if stop is None]
+        end_logprobs = self._end_logprobs(out, mask, cut) if cut else {}
+        samples = []
+        for row, (tokens, stop) in enumerate(zip(new_tokens, stops)):
+            if stop is None:
+                samples.append(Sample(tokens, None, sum(step_logprobs[row]) + end_logprobs[row]))
+            else:
+                samples.append(Sample(tokens[:stop], tokens[stop], sum(step_logprobs[row][:stop + 1])))
+        return samples
+
+    def _end_logprobs(self, out, prompt_mask: torch.Tensor, rows: list[int]) -> dict[int, float]:
+        """log mu(end-of-turn | prompt + message) for messages cut at `max_new_tokens`: one more decode step on
+        `generate`'s KV cache, which holds every position but the last sampled token."""
+        steps = out.sequences.shape[1] - prompt_mask.shape[1]
+        mask = torch.cat([prompt_mask, torch.ones_like(prompt_mask[:, :1]).expand(-1, steps)], dim=1)
+        # The whole batch takes the step (rows that stopped earlier attend to their padding, unused).
+        logits = self.model(
+            input_ids=out.sequences[:, -1:], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+            past_key_values=out.past_key_values, use_cache=True,
+        ).logits[:, -1]
+        end = torch.full((logits.shape[0],), self.end_id, dtype=torch.long, device=logits.device)
+        values = _token_logprobs(logits, end).tolist()
+        return {row: values[row] for row in rows}
+
+
+def require_vllm() -> None:
+    """A one-line error when the optional vLLM backend is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise TriAlignError("backend 'vllm': vllm is not installed; install it with `pip install trialign[vllm]` "
+                            "on a CUDA machine, or use backend 'hf'")
+
+
+class VLLMSampler:
+    """Samples with vLLM (GPU). log mu comes from the transformers model's forward pass (`score_actions`), as for
+    the HF backend under autocast, so both backends store the same quantity."""
+
+    def __init__(self, location: str, tokenizer, *, dtype: str = "auto", seed: int = 0,
+                 trust_remote_code: bool = False, gpu_memory_utilization: float = 0.5):
+        require_vllm()
+        from vllm import LLM
+
+        self.stop_ids = stop_token_ids(tokenizer)
+        # The transformers model (probe, log mu) shares the GPU: leave vLLM part of the memory only.
+        self.llm = LLM(model=location, tokenizer=location, dtype=dtype, seed=seed,
+                       trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization)
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, seed: int
+    ) -> list[Sample]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
+                                min_tokens=1, seed=seed, stop_token_ids=self.stop_ids)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        samples = []
+        for output in outputs:
+            tokens = list(output.outputs[0].token_ids)
+            stop = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
+            samples.append(Sample(tokens[:stop] if stop is not None else tokens,
+                                  tokens[stop] if stop is not None else None, None))
+        return samples
