@@ -90,10 +90,17 @@ def test_batched_scores_equal_direct_computation(tiny_model, embedded_tokenizer,
     assert max(lengths) > 3 * min(lengths)
 
 
-def test_common_prefix_of_a_batch_runs_once(tiny_model, embedded_tokenizer):
-    persona = "I am a 72-year-old retired farmer from rural Iowa and I never finished high school. "
+PERSONA = "I am a 72-year-old retired farmer from rural Iowa and I never finished high school. "
+
+
+def persona_contexts(tokenizer) -> list[str]:
+    """Three contexts of different lengths with a long common prefix (template + persona)."""
     questions = ["Is water wet?", "Why is the sky blue? " * 12, "Which planet is the largest one in our solar system?"]
-    contexts = [render_context(embedded_tokenizer, [{"role": "user", "content": persona + q}]) for q in questions]
+    return [render_context(tokenizer, [{"role": "user", "content": PERSONA + q}]) for q in questions]
+
+
+def test_common_prefix_of_a_batch_runs_once(tiny_model, embedded_tokenizer):
+    contexts = persona_contexts(embedded_tokenizer)
     shapes = []
     hook = tiny_model.register_forward_pre_hook(
         lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
@@ -102,7 +109,7 @@ def test_common_prefix_of_a_batch_runs_once(tiny_model, embedded_tokenizer):
         scores = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=3).score_options(contexts, OPTIONS)
     finally:
         hook.remove()
-    template_and_persona = SMOL_SYSTEM + "<|im_start|>user\n" + persona
+    template_and_persona = SMOL_SYSTEM + "<|im_start|>user\n" + PERSONA
     prefix = len(embedded_tokenizer(template_and_persona, add_special_tokens=False).input_ids)
     assert shapes[0][0] == 1 and prefix - 2 <= shapes[0][1] <= prefix + 2  # the shared prefix, alone
     assert shapes[1][0] == 3  # then the three contexts' own tokens on top of its repeated cache
@@ -149,6 +156,7 @@ def test_scoring_restores_training_mode(tiny_model, embedded_tokenizer, contexts
 def test_decode_short_equals_unbatched_greedy_generation(tiny_model, embedded_tokenizer, contexts, batch_size):
     model = untie_head(tiny_model, seed=3)
     probe = AnswerProbe(model, embedded_tokenizer, batch_size=batch_size, max_new_tokens=10)
+    contexts = contexts + persona_contexts(embedded_tokenizer)  # with batch size 3, these share a prefix
     decoded = probe.decode_short(contexts)
     expected = [direct_greedy(model, embedded_tokenizer, context, 10) for context in contexts]
     assert decoded == expected

@@ -21,6 +21,7 @@ so an option's own forward only needs its tokens but the last. ``share_prefix=Fa
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -149,8 +150,26 @@ def _right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch: real tokens count from 0 as if unpadded."""
+    """Position ids of a padded batch: real tokens count from 0 as if there were no padding."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _even_chunks(rows: list, size: int) -> list[list]:
+    """`rows` cut into as few consecutive chunks of at most `size` as possible, of (nearly) equal length: a small
+    last chunk would pay a whole forward pass's fixed cost (reading every weight) for few rows."""
+    if not rows:
+        return []
+    count = -(-len(rows) // size)
+    bounds = [round(i * len(rows) / count) for i in range(count + 1)]
+    return [rows[bounds[i] : bounds[i + 1]] for i in range(count)]
+
+
+def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:
+    """A cache holding `rows` of `cache` (repeats allowed), leaving `cache` itself untouched for the next chunk."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)
+    return selected
 
 
 class AnswerProbe:
@@ -188,7 +207,7 @@ class AnswerProbe:
         self.progress = progress
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
-        self._newline_ids: torch.Tensor | None = None
+        self._stop_token_ids: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -246,18 +265,15 @@ class AnswerProbe:
             for values, rows, opts in zip(logliks, continuation_ids, options)
         ]
 
-    def _context_batches(self, context_ids: list[list[int]], *, cluster: bool) -> list[list[list[int]]]:
+    def _context_batches(self, context_ids: list[list[int]]) -> list[list[list[int]]]:
         """Batches of distinct contexts; each entry lists the indices of all contexts with those tokens (a repeated
-        context runs once). Longest first, so a batch holds similar lengths and the memory peak comes at once; with
-        `cluster`, contexts that begin alike (same first `_CLUSTER_TOKENS` tokens: system prompt and persona, say)
-        are kept together first, so that a batch shares a long common prefix that runs once."""
+        context runs once). Contexts that begin alike (same first `_CLUSTER_TOKENS` tokens: system prompt and
+        persona, say) are kept together, so that a batch shares a long common prefix that runs once; among those,
+        longest first, so that a batch holds similar lengths."""
         same: dict[tuple[int, ...], list[int]] = {}
         for index, ids in enumerate(context_ids):
             same.setdefault(tuple(ids), []).append(index)
-        if cluster:
-            groups = sorted(same.values(), key=lambda g: (context_ids[g[0]][:_CLUSTER_TOKENS], -len(context_ids[g[0]])))
-        else:
-            groups = sorted(same.values(), key=lambda g: -len(context_ids[g[0]]))
+        groups = sorted(same.values(), key=lambda g: (context_ids[g[0]][:_CLUSTER_TOKENS], -len(context_ids[g[0]])))
         return [groups[i : i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
 
     def _run_contexts(self, contexts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
@@ -286,30 +302,28 @@ class AnswerProbe:
         return out.logits[:, -1, :], out.past_key_values, mask
 
     def _score_shared(self, context_ids, continuation_ids, logliks) -> None:
-        batches = self._context_batches(context_ids, cluster=True)
+        batches = self._context_batches(context_ids)
         for batch in tqdm(batches, desc="probe", unit="batch", disable=not self.progress):
             last_logits, cache, mask = self._run_contexts([context_ids[group[0]] for group in batch])
             # rows: (row of the batch, context index, option index).
             rows = [(b, c, o) for b, group in enumerate(batch) for c in group for o in range(len(continuation_ids[c]))]
             first = torch.tensor([continuation_ids[c][o][0] for _, c, o in rows], device=self.device)
             batch_rows = torch.tensor([b for b, _, _ in rows], device=self.device)
-            first_logprobs = _continuation_logprobs(last_logits[batch_rows], first).tolist()
+            last_logits = last_logits.to(torch.promote_types(last_logits.dtype, torch.float32))
+            normalizer = torch.logsumexp(last_logits, dim=-1)
+            first_logprobs = (last_logits[batch_rows, first] - normalizer[batch_rows]).tolist()
             totals = dict(zip([(c, o) for _, c, o in rows], first_logprobs))
             # Options of one token are done; the rest run their tokens but the last on top of the context cache,
             # sorted by length so that a forward pass holds options of similar length.
             longer = sorted((r for r in rows if len(continuation_ids[r[1]][r[2]]) > 1),
                             key=lambda r: len(continuation_ids[r[1]][r[2]]))
             context_lengths = mask.sum(-1)
-            for start in range(0, len(longer), self.batch_size):
-                chunk = longer[start : start + self.batch_size]
+            for chunk in _even_chunks(longer, self.batch_size):
                 select = torch.tensor([b for b, _, _ in chunk], device=self.device)
                 tokens = [continuation_ids[c][o] for _, c, o in chunk]
                 option_ids, option_mask = _right_pad([t[:-1] for t in tokens], self.pad_id, self.device)
                 targets, _ = _right_pad([t[1:] for t in tokens], self.pad_id, self.device)
-                gathered = DynamicCache(
-                    [(keys.index_select(0, select), values.index_select(0, select)) for keys, values, *_ in cache],
-                    config=self.model.config,
-                )
+                gathered = _select_rows(cache, select)
                 steps = torch.arange(option_ids.shape[1], device=self.device)
                 out = self._forward(
                     input_ids=option_ids,
@@ -347,7 +361,7 @@ class AnswerProbe:
 
     def _stop_ids(self) -> torch.Tensor:
         """Token ids that end a short answer: end of sequence / end of turn, and every token containing a newline."""
-        if self._newline_ids is None:
+        if self._stop_token_ids is None:
             stops = {self.tokenizer.eos_token_id}
             configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
             stops.update(configured if isinstance(configured, (list, tuple)) else [configured])
@@ -357,8 +371,8 @@ class AnswerProbe:
                     stops.add(token_id)
             pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
             stops.update(i for i, piece in enumerate(pieces) if "\n" in piece)
-            self._newline_ids = torch.tensor(sorted(i for i in stops if i is not None), dtype=torch.long)
-        return self._newline_ids.to(self.device)
+            self._stop_token_ids = torch.tensor(sorted(i for i in stops if i is not None), dtype=torch.long)
+        return self._stop_token_ids.to(self.device)
 
     def decode_short(self, contexts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
         """Greedy short answers, batched with left padding; each stops at end of sequence or a newline. Returns the
@@ -373,27 +387,25 @@ class AnswerProbe:
         answers = [""] * len(contexts)
         stop_ids = self._stop_ids()
         with torch.inference_mode(), _eval_mode(self.model):
-            batches = self._context_batches(context_ids, cluster=False)
-            for batch in tqdm(batches, desc="decode", unit="batch", disable=not self.progress):
-                ids, mask = _left_pad([context_ids[group[0]] for group in batch], self.pad_id, self.device)
-                positions = _positions(mask)
-                out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                    logits_to_keep=1)
+            for batch in tqdm(self._context_batches(context_ids), desc="decode", unit="batch", disable=not self.progress):
+                logits, cache, mask = self._run_contexts([context_ids[group[0]] for group in batch])
+                position = _positions(mask)[:, -1:]
                 generated: list[list[int]] = [[] for _ in batch]
-                done = torch.zeros(len(batch), dtype=torch.bool, device=self.device)
-                position = positions[:, -1:]
+                done = [False] * len(batch)
                 for step in range(steps):
-                    token = out.logits[:, -1, :].argmax(-1)
+                    token = logits.argmax(-1)
+                    stopped = torch.isin(token, stop_ids).tolist()
                     for row, value in enumerate(token.tolist()):
                         if not done[row]:
                             generated[row].append(value)
-                    done |= torch.isin(token, stop_ids)
-                    if bool(done.all()) or step == steps - 1:
+                            done[row] = stopped[row]
+                    if all(done) or step == steps - 1:
                         break
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                     position = position + 1
                     out = self._forward(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    logits, cache = out.logits[:, -1, :], out.past_key_values
                 texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
                 for group, text in zip(batch, texts):
                     for index in group:
