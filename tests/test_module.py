@@ -32,9 +32,10 @@ def make_batches(tokenizer, count=1, items=2, groups=3, seed=0, free_form=0):
     return [collator(rows[i * items:(i + 1) * items]) for i in range(count)], names
 
 
-def make_module(model_dir, names, objective=None, aggregator=None, per_group=False, kl_coef=0.05, **kwargs):
+def make_module(model_dir, names, objective=None, aggregator=None, per_group=False, kl_coef=0.05, lora=SMALL_LORA,
+                **kwargs):
     module = TriAlignModule(names, MonteCarlo(), objective or AdvantageWeighted(),
-                            aggregator or NashSocialWelfare(), CombinedPenalty(), model=model_dir, lora=SMALL_LORA,
+                            aggregator or NashSocialWelfare(), CombinedPenalty(), model=model_dir, lora=lora,
                             per_group_adapters=per_group, kl_coef=kl_coef, **kwargs)
     module.configure_model()
     return module
@@ -102,6 +103,24 @@ def test_action_logprobs_values_and_reference_equal_direct_forwards(tiny_model_d
             if turn_mask[n, t]:
                 value = module.value_heads[group](hidden[n, batch["state_end"][n, t]])
                 assert out["values"][n, t].item() == pytest.approx(value.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_reference_from_the_shared_trunk_equals_a_full_reference_forward(tiny_model_dir, embedded_tokenizer,
+                                                                         per_group):
+    (batch,), names = make_batches(embedded_tokenizer)
+    top_layer_only = LoraSettings(r=4, alpha=8, target_modules=r".*\.layers\.1\.(self_attn|mlp)\.\w+_proj")
+    module = make_module(tiny_model_dir, names, per_group=per_group, lora=top_layer_only)
+    assert module.policy.trunk_depth == 1
+    perturb_adapters(module)
+    with torch.no_grad():
+        policy = module._episode_forward(batch, keep_trunk=True)
+        from_trunk = module._episode_forward(batch, reference=True, trunk=policy["trunk"])
+        full = module._episode_forward(batch, reference=True)
+    assert policy["trunk"].shape == (*batch["input_ids"].shape, 64)
+    torch.testing.assert_close(from_trunk["token_logprobs"], full["token_logprobs"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(policy["token_logprobs"], full["token_logprobs"], atol=1e-3)
+    assert len(module.policy._decoder().layers) == 2  # the decoder got its layers back
 
 
 @pytest.mark.parametrize("share_prefix, per_group", [(True, False), (False, False), (True, True)])

@@ -25,7 +25,9 @@ Where we fill in for the paper:
   critic then cannot move the shared LoRA policy, which matters on small offline datasets; set it False for a
   MAPPO-style shared trunk.
 * Reference forwards run only when needed: for the KL (β_KL > 0) or for objectives that need reference
-  log-probabilities (DPO). The probe forward runs only when the penalty can be non-zero.
+  log-probabilities (DPO); and they start at the lowest adapted layer, from that layer's input in the policy
+  forward (the layers below hold no adapter, so policy and reference agree there). The probe forward runs only
+  when the penalty can be non-zero.
 * Validation reads the answer probe on held-out items under every group's persona and updates the audit metrics.
   Free-form items (numeric / short text) are skipped there: their answers need a greedy decode, which `trialign
   evaluate` does; the penalty still uses their gold log-probability in training.
@@ -222,22 +224,28 @@ class TriAlignModule(LightningModule):
 
     # --- forwards ------------------------------------------------------------------------------------------------
 
-    def _hidden(self, input_ids: Tensor, attention_mask: Tensor, row_groups: Tensor) -> Tensor:
-        """Last hidden states [R, L, H] of the current policy; with per-group adapters, the rows of group g go
-        through adapter g (only the adapters of the groups present get gradient)."""
+    def _hidden(self, input_ids: Tensor, attention_mask: Tensor, row_groups: Tensor, keep_trunk: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+        """Last hidden states [R, L, H] of the current policy, and the trunk the reference can start from (see
+        `Policy.hidden_states_and_trunk`); with per-group adapters, the rows of group g go through adapter g (only
+        the adapters of the groups present get gradient)."""
         if not self.per_group_adapters:
-            return self.policy.hidden_states(input_ids, attention_mask)
+            return self.policy.hidden_states_and_trunk(input_ids, attention_mask, keep_trunk)
         hidden: Tensor | None = None
+        trunk: Tensor | None = None
         for group in torch.unique(row_groups).tolist():
             rows = (row_groups == group).nonzero().squeeze(1)
             self.policy.use_adapter(self.group_names[group])
-            part = self.policy.hidden_states(input_ids[rows], attention_mask[rows])
+            part, part_trunk = self.policy.hidden_states_and_trunk(input_ids[rows], attention_mask[rows], keep_trunk)
             if hidden is None:
                 hidden = part.new_zeros(input_ids.shape[0], *part.shape[1:])
             hidden = hidden.index_copy(0, rows, part)
+            if part_trunk is not None:
+                trunk = part_trunk.new_zeros(hidden.shape) if trunk is None else trunk
+                trunk = trunk.index_copy(0, rows, part_trunk)
         if hidden is None:
             raise ValueError("expected at least one row")
-        return hidden
+        return hidden, trunk
 
     def _selected_logprobs(self, hidden: Tensor, input_ids: Tensor, select: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """log π of the tokens where `select` [R, L] is True (each predicted from the position before).
@@ -248,17 +256,18 @@ class TriAlignModule(LightningModule):
         logprobs = self.policy.token_logprobs(hidden[rows, positions - 1], input_ids[rows, positions])
         return rows, positions, logprobs
 
-    def _episode_forward(self, batch: dict[str, Any], reference: bool = False) -> dict[str, Tensor]:
+    def _episode_forward(self, batch: dict[str, Any], reference: bool = False, trunk: Tensor | None = None,
+                         keep_trunk: bool = False) -> dict[str, Tensor]:
         """Per-turn summed action log-probabilities [N, T], their token counts, the per-token log-probabilities [M]
-        and (policy forward only) the values [N, T]."""
+        and (policy forward only) the values [N, T] and, with `keep_trunk`, the trunk for the reference forward.
+        The reference forward (`reference=True`) starts from `trunk` when given."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         action_turn = batch["action_turn"]
         num_rows, num_turns = batch["turn_mask"].shape
         if reference:
-            with self.policy.reference():
-                hidden = self.policy.hidden_states(input_ids, attention_mask)
+            hidden = self.policy.reference_hidden_states(input_ids, attention_mask, trunk)
         else:
-            hidden = self._hidden(input_ids, attention_mask, batch["group_index"])
+            hidden, trunk = self._hidden(input_ids, attention_mask, batch["group_index"], keep_trunk)
         rows, positions, token_logprobs = self._selected_logprobs(hidden, input_ids, action_turn > 0)
         turns = action_turn[rows, positions] - 1
         logp = token_logprobs.new_zeros(num_rows, num_turns).index_put((rows, turns), token_logprobs, accumulate=True)
@@ -266,6 +275,7 @@ class TriAlignModule(LightningModule):
         counts = counts.index_put((rows, turns), torch.ones_like(turns), accumulate=True)
         out = {"logp": logp, "counts": counts, "token_logprobs": token_logprobs}
         if not reference:
+            out["trunk"] = trunk
             state_end = batch["state_end"].clamp(0, input_ids.shape[1] - 1)
             features = hidden[torch.arange(num_rows, device=hidden.device)[:, None], state_end]  # [N, T, H]
             if self.detach_value_features:
@@ -323,17 +333,17 @@ class TriAlignModule(LightningModule):
     def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """The total loss of a batch and its parts (per-group tensors [G], scalars otherwise)."""
         num_groups = len(self.group_names)
-        policy_out = self._episode_forward(batch)
+        needs_reference = self.kl_coef > 0 or self.objective.needs_reference
+        policy_out = self._episode_forward(batch, keep_trunk=needs_reference)
         logp, counts, values = policy_out["logp"], policy_out["counts"], policy_out["values"]
         group_index = batch["group_index"].long()
         valid = batch["turn_mask"].bool() & (counts > 0)
         rewards = batch["rewards"].to(values.dtype)
         returns = batch["returns"].to(values.dtype)
-        needs_reference = self.kl_coef > 0 or self.objective.needs_reference
         reference_out = None
         if needs_reference:
             with torch.no_grad():
-                reference_out = self._episode_forward(batch, reference=True)
+                reference_out = self._episode_forward(batch, reference=True, trunk=policy_out["trunk"])
 
         # Value loss and advantages, group by group (each group has its own critic).
         value_loss_list = [values.new_zeros(())] * num_groups
