@@ -94,8 +94,8 @@ PERSONA = "I am a 72-year-old retired farmer from rural Iowa and I never finishe
 
 
 def persona_contexts(tokenizer) -> list[str]:
-    """Three contexts of different lengths with a long common prefix (template + persona)."""
-    questions = ["Is water wet?", "Why is the sky blue? " * 12, "Which planet is the largest one in our solar system?"]
+    """Three contexts of different (but not very different) lengths with a long common prefix (template + persona)."""
+    questions = ["Is water wet?", "Why is the sky blue during the day?", "Which planet is the largest one in our solar system?"]
     return [render_context(tokenizer, [{"role": "user", "content": PERSONA + q}]) for q in questions]
 
 

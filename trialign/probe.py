@@ -1,8 +1,9 @@
 """The answer probe: read the answer a message commits to by appending "Final answer:" and scoring the options.
 
-DESIGN.md: after an assistant message the environment appends ``"Final answer:"``; items with options are answered
-by the option with the highest log-likelihood, free-form items by a short greedy decode. The paper only says the
-answer is "verified"; this probe is our concrete reading, following lm-evaluation-harness conventions:
+The paper's public summary does not say how an answer is read from a free-text message; DESIGN.md fills that in:
+after an assistant message the environment appends ``"Final answer:"``; items with options are answered by the
+option with the highest log-likelihood, free-form items by a short greedy decode. Scoring follows
+lm-evaluation-harness conventions:
 
 * continuation = target delimiter ``" "`` + option text; trailing whitespace of the context moves into the
   continuation, and ``continuation_enc = encode(context + continuation)[len(encode(context)):]`` (lm-eval's
@@ -10,12 +11,14 @@ answer is "verified"; this probe is our concrete reading, following lm-evaluatio
 * ``acc`` picks the argmax of the summed continuation log-likelihood, ``acc_norm`` the argmax of log-likelihood
   divided by the option's length in characters.
 
-Speed (the probe runs on every turn of every rollout and evaluation, on CPU): each distinct context is run once,
-left-padded in length-sorted batches, keeping only the last position's logits (the output head over a 49k vocabulary
-costs as much as several layers); its KV cache is then gathered per (context, option) row and all options of a batch
-run in one forward with right-padded option tokens. The first option token is scored from the context's last logit,
-so an option's own forward only needs its tokens but the last. ``share_prefix=False`` instead runs each
-(context, option) pair in full, still batched, for models whose cache cannot be gathered by batch index.
+Speed (the probe runs on every turn of every rollout and evaluation, often on CPU): each distinct context runs once,
+in batches of contexts that begin alike; a batch's common prefix (chat template, persona) runs once and its KV cache
+is repeated, the rest is left-padded after it, and only the last position's logits are computed (the output head
+over a 49k vocabulary costs as much as several layers). The first option token is scored from that last logit; the
+context cache is then gathered per (context, option) row and the options' remaining tokens run, right-padded and
+sorted by length, in chunks of `batch_size` rows. Results equal one unbatched forward per option up to float
+rounding (exactly, in float64). ``share_prefix=False`` instead runs each (context, option) pair in full, still
+batched, for models whose cache cannot be gathered by batch index.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ TARGET_DELIMITER = " "
 _CHAT_ROLES = ("system", "user", "assistant")
 _CLUSTER_TOKENS = 32
 """Contexts whose first this many tokens agree are batched together (see `AnswerProbe._context_batches`)."""
+_MIN_LENGTH_RATIO = 0.8
+"""A context joins a batch only if it has at least this fraction of the batch's longest context's tokens."""
 _MIN_SHARED_PREFIX = 16
 """A batch's common prefix runs separately only from this length on (below, the extra forward costs more)."""
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
@@ -272,7 +277,8 @@ class AnswerProbe:
         Contexts that begin alike (the same first `_CLUSTER_TOKENS` tokens: system prompt and persona, say) form
         clusters; a cluster fills whole batches of its own, longest first, so that each batch shares a long common
         prefix that runs once and holds similar lengths. What is left of each cluster is pooled and batched by
-        length. (On 100 TruthfulQA items x 9 groups this runs about 30% fewer token positions than the contexts hold.)
+        length. (On 100 TruthfulQA items x 9 groups this runs about 30% fewer token positions than the contexts hold,
+        padding included.)
         """
         same: dict[tuple[int, ...], list[int]] = {}
         for index, ids in enumerate(context_ids):
@@ -285,10 +291,23 @@ class AnswerProbe:
         for members in clusters.values():
             members.sort(key=lambda group: -len(context_ids[group[0]]))
             whole = len(members) - len(members) % self.batch_size
-            batches += [members[i : i + self.batch_size] for i in range(0, whole, self.batch_size)]
+            batches += self._by_length(members[:whole], context_ids)
             pooled += members[whole:]
         pooled.sort(key=lambda group: -len(context_ids[group[0]]))
-        return batches + [pooled[i : i + self.batch_size] for i in range(0, len(pooled), self.batch_size)]
+        return batches + self._by_length(pooled, context_ids)
+
+    def _by_length(self, groups: list[list[int]], context_ids: list[list[int]]) -> list[list[list[int]]]:
+        """Consecutive batches of longest-first `groups`: a batch closes at `batch_size` contexts, or before a context
+        shorter than `_MIN_LENGTH_RATIO` of the batch's longest (its padding would cost more than another pass)."""
+        batches: list[list[list[int]]] = []
+        for group in groups:
+            length = len(context_ids[group[0]])
+            batch = batches[-1] if batches else None
+            if batch and len(batch) < self.batch_size and length >= _MIN_LENGTH_RATIO * len(context_ids[batch[0][0]]):
+                batch.append(group)
+            else:
+                batches.append([group])
+        return batches
 
     def _run_contexts(self, contexts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """One forward over a batch of contexts: (last position's logits, KV cache, attention mask of the cache).
