@@ -65,7 +65,8 @@ def main() -> None:
     tokens = [len(tokenizer(c, add_special_tokens=False).input_ids) for c in contexts]
     pairs = sum(len(o) for o in options)
     print(f"model {args.model}, {torch.get_num_threads()} threads; {len(items)} items x {len(groups)} groups = "
-          f"{len(contexts)} contexts (mean {sum(tokens) / len(tokens):.0f} tokens), {pairs} (context, option) pairs", flush=True)
+          f"{len(contexts)} contexts (mean {sum(tokens) / len(tokens):.0f} tokens), {pairs} (context, option) pairs",
+          flush=True)
 
     probe = AnswerProbe(model, tokenizer, batch_size=args.batch_size)
     probe.score_options(contexts[:1], options[:1])  # warm-up
@@ -78,8 +79,8 @@ def main() -> None:
     slow_seconds = time.perf_counter() - start
 
     difference = max(abs(a - b) for row_fast, row_slow in zip(fast, slow) for a, b in zip(row_fast, row_slow))
-    print(f"naive loop : {len(items) / slow_seconds:7.3f} items/s  ({slow_seconds:6.1f} s, {pairs / slow_seconds:6.1f} pairs/s)")
-    print(f"probe      : {len(items) / fast_seconds:7.3f} items/s  ({fast_seconds:6.1f} s, {pairs / fast_seconds:6.1f} pairs/s)")
+    for name, seconds in (("naive loop", slow_seconds), ("probe", fast_seconds)):
+        print(f"{name:<11}: {len(items) / seconds:7.3f} items/s  ({seconds:6.1f} s, {pairs / seconds:6.1f} pairs/s)")
     print(f"speed-up   : {slow_seconds / fast_seconds:.2f}x    max |loglik difference| = {difference:.2e}")
 
 

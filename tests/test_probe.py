@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import trialign.probe as probe_module
 from trialign.errors import TriAlignError
 from trialign.probe import AnswerProbe, OptionScores, ProbeResult, render_context
 from trialign.tasks.item import Item
@@ -75,7 +76,11 @@ OPTIONS = [
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("share_prefix", [True, False])
-def test_batched_scores_equal_direct_computation(tiny_model, embedded_tokenizer, contexts, batch_size, share_prefix):
+def test_batched_scores_equal_direct_computation(
+    tiny_model, embedded_tokenizer, contexts, batch_size, share_prefix, monkeypatch
+):
+    # Let very different lengths share a batch (the probe would otherwise split them) so that padding is tested.
+    monkeypatch.setattr(probe_module, "_MIN_LENGTH_RATIO", 0.0)
     probe = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=batch_size, share_prefix=share_prefix)
     scores = probe.score_options(contexts, OPTIONS)
     assert len(scores) == len(contexts)
@@ -95,7 +100,7 @@ PERSONA = "I am a 72-year-old retired farmer from rural Iowa and I never finishe
 
 def persona_contexts(tokenizer) -> list[str]:
     """Three contexts of different (but not very different) lengths with a long common prefix (template + persona)."""
-    questions = ["Is water wet?", "Why is the sky blue during the day?", "Which planet is the largest one in our solar system?"]
+    questions = ["Is water wet?", "Why is the sky blue during the day?", "Which planet is largest in the solar system?"]
     return [render_context(tokenizer, [{"role": "user", "content": PERSONA + q}]) for q in questions]
 
 

@@ -60,7 +60,8 @@ def render_context(
                 f"messages[{index}]: expected a dict with 'role' in {list(_CHAT_ROLES)} and 'content', got {message!r}"
             )
     if not getattr(tokenizer, "chat_template", None):
-        raise TriAlignError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: has no chat template to render the probe context")
+        name = getattr(tokenizer, "name_or_path", "")
+        raise TriAlignError(f"tokenizer {name!r}: has no chat template to render the probe context")
     prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     turn = answer_prefix if response is None else f"{response}\n{answer_prefix}"
     return prompt + turn
@@ -266,7 +267,7 @@ class AnswerProbe:
             else:
                 self._score_full(context_ids, continuation_ids, logliks)
         return [
-            OptionScores(logliks=values, num_tokens=[len(row) for row in rows], num_chars=[len(option) for option in opts])
+            OptionScores(logliks=values, num_tokens=[len(row) for row in rows], num_chars=[len(text) for text in opts])
             for values, rows, opts in zip(logliks, continuation_ids, options)
         ]
 
@@ -379,7 +380,8 @@ class AnswerProbe:
         for start in tqdm(range(0, len(pairs), self.batch_size), desc="probe", unit="batch", disable=not self.progress):
             chunk = pairs[start : start + self.batch_size]
             tokens = [continuation_ids[c][o] for c, o in chunk]
-            ids, mask = _left_pad([context_ids[c] + t[:-1] for (c, _), t in zip(chunk, tokens)], self.pad_id, self.device)
+            sequences = [context_ids[c] + t[:-1] for (c, _), t in zip(chunk, tokens)]
+            ids, mask = _left_pad(sequences, self.pad_id, self.device)
             keep = max(len(t) for t in tokens)
             out = self._forward(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=keep)
             # Right-align targets under the kept logits (sequences end together with left padding).
@@ -420,7 +422,8 @@ class AnswerProbe:
         answers = [""] * len(contexts)
         stop_ids = self._stop_ids()
         with torch.inference_mode(), _eval_mode(self.model):
-            for batch in tqdm(self._context_batches(context_ids), desc="decode", unit="batch", disable=not self.progress):
+            batches = self._context_batches(context_ids)
+            for batch in tqdm(batches, desc="decode", unit="batch", disable=not self.progress):
                 logits, cache, mask = self._run_contexts([context_ids[group[0]] for group in batch])
                 position = _positions(mask)[:, -1:]
                 generated: list[list[int]] = [[] for _ in batch]
@@ -467,7 +470,8 @@ class AnswerProbe:
             )
         if free_form:
             texts = self.decode_short([contexts[i] for i in free_form])
-            gold_scores = self.score_options([contexts[i] for i in free_form], [[str(items[i].gold)] for i in free_form])
+            golds = [[str(items[i].gold)] for i in free_form]
+            gold_scores = self.score_options([contexts[i] for i in free_form], golds)
             for index, text, score in zip(free_form, texts, gold_scores):
                 results[index] = ProbeResult(
                     answer=text,
