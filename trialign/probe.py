@@ -195,8 +195,9 @@ class AnswerProbe:
     ):
         """`batch_size` bounds the sequences in one forward pass (contexts, or (context, option) rows).
         `normalization` picks the answer: ``"none"`` (lm-eval ``acc``) or ``"chars"`` (``acc_norm``).
-        `autocast` runs the forwards under bfloat16 autocast (faster on accelerators; results then differ by more
-        than the 1e-4 the fp32 path guarantees)."""
+        `max_new_tokens` bounds a short answer. `share_prefix` reuses each context's KV cache for its options (see
+        the module docstring). `autocast` runs the forwards under bfloat16 autocast (faster on accelerators; results
+        then drift from the float32 ones by more than rounding). `progress` shows a progress bar per call."""
         if normalization not in ("none", "chars"):
             raise TriAlignError(f"probe normalization: expected 'none' or 'chars', got {normalization!r}")
         if batch_size < 1:
