@@ -45,6 +45,9 @@ class RolloutConfig:
     backend: str = "hf"
     """`hf` (transformers `generate`) or `vllm` (GPU, optional dependency). The probe and the behavior
     log-probabilities always use the transformers model, so both backends store the same quantities."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """Share of GPU memory vLLM may take (backend `vllm`); the rest holds the transformers model that runs the probe
+    and the behavior log-probabilities."""
     task: str = "truthfulqa_mc1"
     """Benchmark task name (see `trialign.tasks.TASK_NAMES`), or `local` with `task_path`."""
     task_path: str | None = None
@@ -114,6 +117,8 @@ class RolloutConfig:
         require(self.expression in ("explicit", "implicit"),
                 f"expression: expected 'explicit' or 'implicit', got '{self.expression}'")
         require(self.backend in BACKENDS, f"backend: expected one of {', '.join(BACKENDS)}, got '{self.backend}'")
+        require(0 < self.vllm_gpu_memory_utilization < 1,
+                f"vllm_gpu_memory_utilization: expected a fraction in (0, 1), got {self.vllm_gpu_memory_utilization}")
         require(math.isfinite(self.temperature) and self.temperature > 0,
                 f"temperature: expected > 0 (the behavior policy samples), got {self.temperature}")
         require(self.max_new_tokens > 0, f"max_new_tokens: expected a positive integer, got {self.max_new_tokens}")
