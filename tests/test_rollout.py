@@ -166,7 +166,7 @@ def test_sampler_logprobs_from_generate_equal_forward_pass(tiny_model, embedded_
                               add_special_tokens=False)["input_ids"]) for i in range(8)]
     prompts[0] = prompts[0][:4] + prompts[0]  # unequal lengths: left padding
     sampler = HFSampler(tiny_model, tokenizer)
-    samples = sampler.sample(prompts, max_new_tokens=5, temperature=1.0, seed=3)
+    samples = sampler.sample(prompts, max_new_tokens=5, temperature=1.0, seed=3).samples
     stopped = [s for s in samples if s.stop is not None]
     assert stopped and len(stopped) < len(samples)
     assert all(s.stop == end and 1 <= len(s.tokens) < 5 for s in stopped)
@@ -174,10 +174,35 @@ def test_sampler_logprobs_from_generate_equal_forward_pass(tiny_model, embedded_
     actions = [s.tokens + [end] for s in samples]
     for sample, direct in zip(samples, score_actions(tiny_model, tokenizer, prompts, actions)):
         assert sample.logprob == pytest.approx(direct, abs=1e-3)
-    again = sampler.sample(prompts, max_new_tokens=5, temperature=1.0, seed=3)
+    again = sampler.sample(prompts, max_new_tokens=5, temperature=1.0, seed=3).samples
     assert [s.tokens for s in again] == [s.tokens for s in samples]  # seeded
     assert HFSampler(tiny_model, tokenizer, autocast=True).sample(prompts, max_new_tokens=2, temperature=1.0,
-                                                                  seed=0)[0].logprob is None
+                                                                  seed=0).samples[0].logprob is None
+
+
+def test_sampler_shares_prompts_and_continues_the_previous_turn(tiny_model, embedded_tokenizer):
+    """Turn 0: repeated prompts share one prefill. Turn 1: the cache of turn 0 is continued (stopped rows have a
+    stop token and padding masked out, cut rows feed their end token anew). log mu equals a fresh forward pass."""
+    tokenizer = embedded_tokenizer
+    end = end_of_turn_id(tokenizer)
+    head = tiny_model.get_input_embeddings().weight.detach().clone()
+    head[end] = 2.0
+    tiny_model.lm_head.weight = torch.nn.Parameter(head)
+    encode = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompts = [encode(f"<|im_start|>user\nquestion {i // 2} {'x' * (i // 2)}<|im_end|>\n<|im_start|>assistant\n")
+               for i in range(6)]  # three prompts, each twice (K = 2)
+    sampler = HFSampler(tiny_model, tokenizer)
+    first = sampler.sample(prompts, max_new_tokens=4, temperature=1.0, seed=1)
+    assert {s.stop is None for s in first.samples} == {True, False}
+    actions = [s.tokens + [end] for s in first.samples]
+    for sample, direct in zip(first.samples, score_actions(tiny_model, tokenizer, prompts, actions)):
+        assert sample.logprob == pytest.approx(direct, abs=1e-3)
+    user = encode("\n<|im_start|>user\nAre you sure?<|im_end|>\n<|im_start|>assistant\n")
+    following = [p + a + user[: 3 + i] + user[-3:] for i, (p, a) in enumerate(zip(prompts, actions))]
+    second = sampler.sample(following, max_new_tokens=4, temperature=1.0, seed=2, cache=first.cache)
+    actions = [s.tokens + [end] for s in second.samples]
+    for sample, direct in zip(second.samples, score_actions(tiny_model, tokenizer, following, actions)):
+        assert sample.logprob == pytest.approx(direct, abs=1e-3)
 
 
 def test_manifest_describes_the_dataset(dataset, tiny_model_dir):
@@ -377,6 +402,12 @@ def test_help_lists_the_settings(capsys):
     assert "--items-per-shard" in text and "K: episodes sampled per (item, group)" in text
 
 
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/rollout/*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_parse(path):
+    config = parse_config(["--config", str(path)])
+    assert config.output.startswith("runs/rollout/") and config.samples >= 2 and config.turns >= 2
+
+
 def test_config_content_excludes_run_fields():
     config = RolloutConfig(output="x", num_shards=2, shard_index=1, overwrite=True)
     assert {"output", "num_shards", "shard_index", "overwrite"}.isdisjoint(config.content())
@@ -384,19 +415,34 @@ def test_config_content_excludes_run_fields():
 
 
 @pytest.mark.slow
-def test_embedded_model_rollout(tmp_path):
-    """The real model: 2 items x 2 groups x 1 sample x 2 turns; English messages, consistent numbers."""
+def test_embedded_model_rollout(tmp_path, embedded_model, embedded_tokenizer):
+    """The real model: 2 items x 2 groups x 1 sample x 2 turns; English messages, consistent numbers, and the probe
+    reading continued from the sampler's cache equals the plain probe run on each stored conversation."""
+    from trialign.probe import AnswerProbe, render_context
+
     out = tmp_path / "real"
     assert main(["--limit", "2", "--items-per-shard", "2", "--group-ids", "neutral", "phd_researcher",
-                 "--samples", "1", "--turns", "2", "--max-new-tokens", "24", "--no-progress",
+                 "--samples", "1", "--turns", "2", "--max-new-tokens", "24", "--no-progress", "--threads", "1",
                  "--output", str(out)]) == 0
     rows = load_rows(out)
+    items = load_task("truthfulqa_mc1", limit=2)
     assert len(rows) == 2
-    for row in rows:
+    contexts, turns, turn_items = [], [], []
+    for row, item in zip(rows, items):
         for group in row["groups"]:
             (episode,) = group["episodes"]
             assert len(episode["turns"]) == 2
+            messages = []
             for turn in episode["turns"]:
                 assert sum(ch.isalpha() for ch in turn["assistant"]) > 10
                 assert turn["truth"] in (0, 1) and 0 <= turn["pers"] <= 1
                 assert -200 < turn["behavior_logprob"] < 0 and 2 <= turn["num_tokens"] <= 25
+                messages.append({"role": "user", "content": turn["user"]})
+                contexts.append(render_context(embedded_tokenizer, messages, response=turn["assistant"]))
+                messages.append({"role": "assistant", "content": turn["assistant"]})
+                turns.append(turn)
+                turn_items.append(item)
+    readings = AnswerProbe(embedded_model, embedded_tokenizer).answer(turn_items, contexts)
+    assert [r.answer for r in readings] == [t["answer"] for t in turns]
+    for reading, turn in zip(readings, turns):
+        assert turn["option_logprobs"] == pytest.approx(reading.option_logprobs, abs=2e-3)

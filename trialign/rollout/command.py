@@ -204,7 +204,9 @@ def _make_sampler(config: RolloutConfig, model, tokenizer):
     from trialign.backbone import resolve_model_source
 
     location = resolve_model_source(config.model, config.cache_dir).location
-    return VLLMSampler(location, tokenizer, seed=config.seed, trust_remote_code=config.trust_remote_code)
+    return VLLMSampler(location, tokenizer, dtype=config.dtype, seed=config.seed,
+                       trust_remote_code=config.trust_remote_code,
+                       gpu_memory_utilization=config.vllm_gpu_memory_utilization)
 
 
 def rollout(config: RolloutConfig) -> dict[str, Any]:
@@ -238,7 +240,15 @@ def rollout(config: RolloutConfig) -> dict[str, Any]:
         manifest = _record_shards(folder, None)
         _report(config, manifest, folder, 0, 0, 0.0)
         return manifest
-    return _generate(config, folder, items, groups, chunks, mine, todo)
+    import torch
+
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _generate(config, folder, items, groups, chunks, mine, todo)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, when called in-process
 
 
 def _generate(config, folder, items, groups, chunks, mine, todo) -> dict[str, Any]:
@@ -249,10 +259,6 @@ def _generate(config, folder, items, groups, chunks, mine, todo) -> dict[str, An
     from trialign.rollout.episodes import EpisodeSettings, derive_seed, run_chunk
     from trialign.rollout.simulator import UserSimulator
 
-    if config.threads:
-        import torch
-
-        torch.set_num_threads(config.threads)
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, cache_dir=config.cache_dir,
                                                 trust_remote_code=config.trust_remote_code)
     model.to(_device(config))

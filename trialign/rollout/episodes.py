@@ -24,15 +24,16 @@ from typing import Protocol, Sequence
 from trialign.groups import Group
 from trialign.preferences import preference_score
 from trialign.probe import AnswerProbe, render_context
+from trialign.rollout.cached_probe import probe_answers
 from trialign.prompts import build_messages
-from trialign.rollout.sampler import Sample, action_piece, end_of_turn_id, score_actions
+from trialign.rollout.sampler import Generation, GenerationCache, Sample, action_piece, end_of_turn_id, score_actions
 from trialign.rollout.simulator import UserSimulator
 from trialign.tasks.item import Item
 
 
 class Sampler(Protocol):
     def sample(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
-               seed: int) -> list[Sample]: ...
+               seed: int, cache: GenerationCache | None = None) -> Generation: ...
 
 
 @dataclass
@@ -176,6 +177,7 @@ def run_chunk(
     ]
     stats = ChunkStats(episodes=len(episodes))
     end_id = end_of_turn_id(tokenizer)
+    cache: GenerationCache | None = None
     for t in range(settings.turns):
         kinds = ["question"] * len(episodes)
         if t > 0:
@@ -184,13 +186,14 @@ def run_chunk(
                 episode.messages.append({"role": "user", "content": user.text})
                 kinds[index] = user.kind
         prompts = [e.state(tokenizer) for e in episodes]
-        samples = sampler.sample(prompts, max_new_tokens=settings.max_new_tokens,
-                                 temperature=settings.temperature, seed=derive_seed(seed, "turn", t))
-        stats.sampled_tokens += sum(s.num_sampled for s in samples)
-        actions = to_actions(tokenizer, episodes, prompts, samples, end_id=end_id, model=model,
+        generation = sampler.sample(prompts, max_new_tokens=settings.max_new_tokens,
+                                    temperature=settings.temperature, seed=derive_seed(seed, "turn", t), cache=cache)
+        stats.sampled_tokens += sum(s.num_sampled for s in generation.samples)
+        actions = to_actions(tokenizer, episodes, prompts, generation.samples, end_id=end_id, model=model,
                              batch_size=score_batch_size)
         contexts = [render_context(tokenizer, e.messages, response=a.text) for e, a in zip(episodes, actions)]
-        readings = probe.answer([e.item for e in episodes], contexts)
+        readings = probe_answers(probe, [e.item for e in episodes], contexts, generation.cache)
+        cache = generation.cache  # the next turn continues these conversations
         for episode, action, reading, kind in zip(episodes, actions, readings, kinds):
             truth = int(bool(reading.correct))
             pers = float(preference_score(action.text, episode.group.preferences))

@@ -19,8 +19,8 @@ the end tokens at the first step only, a negligible departure from mu).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
@@ -45,6 +45,30 @@ class Sample:
     def num_sampled(self) -> int:
         """Tokens the sampler generated, the stop token included."""
         return len(self.tokens) + (self.stop is not None)
+
+
+@dataclass
+class GenerationCache:
+    """The KV cache `generate` leaves behind, so that the answer probe can continue the conversations instead of
+    running them again (`trialign.rollout.cached_probe`)."""
+
+    past_key_values: Any
+    """A transformers cache over every position of `mask`."""
+    mask: torch.Tensor
+    """[B, P] 1 at the positions that hold a row's tokens (prompt and everything sampled), 0 at padding."""
+    tokens: list[list[int]] = field(default_factory=list)
+    """Per row, the tokens at its positions with mask 1, in order (after a stop token come padding tokens that
+    were fed too; a user of the cache keeps only the prefix it needs)."""
+
+
+@dataclass
+class Generation:
+    """What one batched sampling call returns."""
+
+    samples: list[Sample]
+    """One message per prompt, in order."""
+    cache: GenerationCache | None = None
+    """The KV cache of prompts + messages, when the backend exposes it (transformers, without autocast)."""
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -85,6 +109,11 @@ def action_piece(tokenizer, messages: Sequence[dict[str, str]], prompt: str, tex
     segment = full[len(prompt):]
     end = segment.rfind(end_text)
     return segment[: end + len(end_text)] if end >= 0 else segment
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,12 +180,19 @@ class HFSampler:
 
     @torch.inference_mode()
     def sample(
-        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, seed: int
-    ) -> list[Sample]:
-        """One message per prompt (token ids of the rendered state); log mu at temperature 1 unless autocast."""
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, seed: int,
+        cache: GenerationCache | None = None,
+    ) -> Generation:
+        """One message per prompt (token ids of the rendered state); log mu at temperature 1 unless autocast.
+
+        With `cache` (the previous turn's, row i = prompt i), each prompt's longest prefix already in the cache is
+        not run again. Without it, identical prompts (the K samples of one item and group) share one prefill."""
         from transformers import GenerationConfig
 
-        ids, mask = _left_pad(prompts, self.pad_id, self.device)
+        if cache is not None and not self.autocast:
+            ids, mask, past = self._continue(prompts, cache)
+        else:
+            ids, mask, past = self._prefill_unique(prompts)
         config = GenerationConfig(
             do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
             min_new_tokens=1, eos_token_id=self.stop_ids, pad_token_id=self.pad_id, output_logits=True,
@@ -166,40 +202,71 @@ class HFSampler:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=past,
+                                          generation_config=config)
         width = ids.shape[1]
         new_tokens = out.sequences[:, width:].tolist()
         stops = [next((i for i, t in enumerate(tokens) if t in self.stop_ids), None) for tokens in new_tokens]
         if self.autocast:  # bf16 logits are too coarse for log mu: the caller rescores in the model's dtype
-            return [Sample(tokens[:stop], tokens[stop] if stop is not None else None, None)
-                    for tokens, stop in zip(new_tokens, stops)]
+            return Generation([Sample(tokens[:stop], tokens[stop] if stop is not None else None, None)
+                               for tokens, stop in zip(new_tokens, stops)])
         # Raw (unprocessed) logits of each step: log mu at temperature 1 of the sampled token.
         step_logprobs = torch.stack(
             [_token_logprobs(step, out.sequences[:, width + s]) for s, step in enumerate(out.logits)], dim=1
         ).tolist()
-        cut = [row for row, stop in enumerate(stops) if stop is None]
-        end_logprobs = self._end_logprobs(out, mask, cut) if cut else {}
+        end_logprobs, next_cache = self._last_step(out, mask)
         samples = []
         for row, (tokens, stop) in enumerate(zip(new_tokens, stops)):
             if stop is None:
                 samples.append(Sample(tokens, None, sum(step_logprobs[row]) + end_logprobs[row]))
             else:
                 samples.append(Sample(tokens[:stop], tokens[stop], sum(step_logprobs[row][:stop + 1])))
-        return samples
+        next_cache.tokens = [list(prompt) + tokens for prompt, tokens in zip(prompts, new_tokens)]
+        return Generation(samples, next_cache)
 
-    def _end_logprobs(self, out, prompt_mask: torch.Tensor, rows: list[int]) -> dict[int, float]:
-        """log mu(end-of-turn | prompt + message) for messages cut at `max_new_tokens`: one more decode step on
-        `generate`'s KV cache, which holds every position but the last sampled token."""
+    def _prefill_unique(self, prompts: Sequence[Sequence[int]]):
+        """(input ids, attention mask, cache) for `generate`: each distinct prompt but its last token runs once and
+        its cache is copied to the rows that repeat it; None for the cache when no prompt repeats."""
+        unique = list(dict.fromkeys(tuple(p) for p in prompts))
+        if len(unique) == len(prompts) or min(len(p) for p in unique) < 2:
+            ids, mask = _left_pad(prompts, self.pad_id, self.device)
+            return ids, mask, None
+        from transformers import DynamicCache
+
+        position = {prompt: i for i, prompt in enumerate(unique)}
+        rows = torch.tensor([position[tuple(p)] for p in prompts], device=self.device)
+        ids, mask = _left_pad(unique, self.pad_id, self.device)
+        past = DynamicCache(config=self.model.config)
+        # Left padding puts every prompt's last token in the last column: the cache covers all columns but it.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=past, use_cache=True,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, :-1], logits_to_keep=1)
+        past.batch_select_indices(rows)
+        return ids.index_select(0, rows), mask.index_select(0, rows), past
+
+    def _continue(self, prompts: Sequence[Sequence[int]], cache: GenerationCache):
+        """(input ids, attention mask, cache) for `generate`, continuing the previous turn's cache: each row keeps
+        the longest cached prefix of its prompt (later cached positions are masked) and feeds the rest, left-padded
+        after the cached columns (`generate` derives positions from the mask, so the holes are harmless)."""
+        kept = [min(_common_prefix(p, cache.tokens[b]), len(p) - 1) for b, p in enumerate(prompts)]
+        old = cache.mask * (cache.mask.cumsum(-1) <= torch.tensor(kept, device=cache.mask.device)[:, None])
+        new_ids, new_mask = _left_pad([list(p)[k:] for p, k in zip(prompts, kept)], self.pad_id, self.device)
+        filler = torch.full((len(prompts), old.shape[1]), self.pad_id, dtype=torch.long, device=self.device)
+        return torch.cat([filler, new_ids], 1), torch.cat([old, new_mask], 1), cache.past_key_values
+
+    def _last_step(self, out, prompt_mask: torch.Tensor) -> tuple[list[float], GenerationCache]:
+        """One more decode step on `generate`'s KV cache (which holds every position but the last sampled token):
+        log mu(end-of-turn | prompt + message) for messages cut at `max_new_tokens`, and a cache of every
+        position for the probe."""
         steps = out.sequences.shape[1] - prompt_mask.shape[1]
         mask = torch.cat([prompt_mask, torch.ones_like(prompt_mask[:, :1]).expand(-1, steps)], dim=1)
-        # The whole batch takes the step (rows that stopped earlier attend to their padding, unused).
+        # The whole batch takes the step (rows that stopped earlier feed padding, masked out by later users).
         logits = self.model(
             input_ids=out.sequences[:, -1:], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
             past_key_values=out.past_key_values, use_cache=True,
         ).logits[:, -1]
         end = torch.full((logits.shape[0],), self.end_id, dtype=torch.long, device=logits.device)
-        values = _token_logprobs(logits, end).tolist()
-        return {row: values[row] for row in rows}
+        return _token_logprobs(logits, end).tolist(), GenerationCache(out.past_key_values, mask)
 
 
 def require_vllm() -> None:
@@ -220,14 +287,19 @@ class VLLMSampler:
         require_vllm()
         from vllm import LLM
 
+        from trialign.backbone import parse_dtype
+
         self.stop_ids = stop_token_ids(tokenizer)
-        # The transformers model (probe, log mu) shares the GPU: leave vLLM part of the memory only.
-        self.llm = LLM(model=location, tokenizer=location, dtype=dtype, seed=seed,
+        vllm_dtype = "auto" if dtype == "auto" else str(parse_dtype(dtype)).removeprefix("torch.")
+        # The transformers model (probe, log mu) shares the GPU: vLLM gets only part of its memory.
+        self.llm = LLM(model=location, tokenizer=location, dtype=vllm_dtype, seed=seed,
                        trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization)
 
     def sample(
-        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, seed: int
-    ) -> list[Sample]:
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, seed: int,
+        cache: GenerationCache | None = None,
+    ) -> Generation:
+        """One message per prompt; `cache` is unused (vLLM keeps its own prefix cache)."""
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
@@ -239,4 +311,4 @@ class VLLMSampler:
             stop = next((i for i, t in enumerate(tokens) if t in self.stop_ids), None)
             samples.append(Sample(tokens[:stop] if stop is not None else tokens,
                                   tokens[stop] if stop is not None else None, None))
-        return samples
+        return Generation(samples)
