@@ -239,15 +239,19 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
                                         batch_size=config.batch_size, autocast=config.autocast, progress=progress))
     contexts = [render_context(tokenizer, m, response=r) for m, r in zip(messages, responses)]
     probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size)
-    results = []
+    n, g = len(items), len(groups)
+    # Probe group by group: contexts of one group share their persona prefix, which the probe runs once per batch.
+    order = sorted(range(len(pairs)), key=lambda k: (k % g, k // g))
+    results: list = [None] * len(pairs)
     chunk = max(config.batch_size * 4, 1)
     with tqdm(total=len(pairs), desc="probe", unit="ctx", disable=not progress) as bar:
-        for start in range(0, len(pairs), chunk):
-            part = slice(start, start + chunk)
-            results.extend(probe.answer([item for item, _ in pairs[part]], contexts[part]))
-            bar.update(len(pairs[part]))
+        for start in range(0, len(order), chunk):
+            part = order[start : start + chunk]
+            answered = probe.answer([pairs[k][0] for k in part], [contexts[k] for k in part])
+            for k, result in zip(part, answered):
+                results[k] = result
+            bar.update(len(part))
 
-    n, g = len(items), len(groups)
     correct = np.array([r.correct for r in results], dtype=bool).reshape(n, g)
     canonical = [[item.canonical_answer(results[i * g + j].answer) for j in range(g)] for i, item in enumerate(items)]
     pers = np.zeros((n, g), dtype=np.float64)
