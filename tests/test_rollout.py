@@ -20,7 +20,7 @@ from trialign.prompts import build_messages
 from trialign.rollout.command import main, parse_config
 from trialign.rollout.config import RolloutConfig
 from trialign.rollout.episodes import discounted_returns
-from trialign.rollout.sampler import HFSampler, end_of_turn_id, score_actions
+from trialign.rollout.sampler import HFSampler, end_of_turn_id, score_actions, score_actions_on_cache
 from trialign.rollout.schema import USER_KINDS
 from trialign.tasks import load_task
 
@@ -201,8 +201,16 @@ def test_sampler_shares_prompts_and_continues_the_previous_turn(tiny_model, embe
     following = [p + a + user[: 3 + i] + user[-3:] for i, (p, a) in enumerate(zip(prompts, actions))]
     second = sampler.sample(following, max_new_tokens=4, temperature=1.0, seed=2, cache=first.cache)
     actions = [s.tokens + [end] for s in second.samples]
-    for sample, direct in zip(second.samples, score_actions(tiny_model, tokenizer, following, actions)):
-        assert sample.logprob == pytest.approx(direct, abs=1e-3)
+    direct = score_actions(tiny_model, tokenizer, following, actions)
+    for sample, value in zip(second.samples, direct):
+        assert sample.logprob == pytest.approx(value, abs=1e-3)
+    # Actions other than the sampled ones, scored on the cache (how re-tokenized messages get log mu).
+    others = [[7, 8, end], [end], [300, end], [11, 12, 13, 14, end], [5, end], [9, 9, end]]
+    rows = [4, 0, 2, 5]
+    on_cache = score_actions_on_cache(tiny_model, second.cache, rows, [following[r] for r in rows],
+                                      [others[r] for r in rows], pad_id=2, batch_size=3)
+    assert on_cache == pytest.approx(score_actions(tiny_model, tokenizer, [following[r] for r in rows],
+                                                   [others[r] for r in rows]), abs=1e-3)
 
 
 def test_manifest_describes_the_dataset(dataset, tiny_model_dir):

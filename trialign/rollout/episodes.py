@@ -26,7 +26,14 @@ from trialign.preferences import preference_score
 from trialign.probe import AnswerProbe, render_context
 from trialign.rollout.cached_probe import probe_answers
 from trialign.prompts import build_messages
-from trialign.rollout.sampler import Generation, GenerationCache, Sample, action_piece, end_of_turn_id, score_actions
+from trialign.rollout.sampler import (
+    Generation,
+    GenerationCache,
+    action_piece,
+    end_of_turn_id,
+    score_actions,
+    score_actions_on_cache,
+)
 from trialign.rollout.simulator import UserSimulator
 from trialign.tasks.item import Item
 
@@ -122,10 +129,11 @@ class _Episode:
         self.token_ids = self.token_ids + action.token_ids
 
 
-def to_actions(tokenizer, episodes: Sequence[_Episode], prompts: Sequence[list[int]], samples: Sequence[Sample],
+def to_actions(tokenizer, episodes: Sequence[_Episode], prompts: Sequence[list[int]], generation: Generation,
                *, end_id: int, model, batch_size: int) -> list[Action]:
     """The samples as actions in the template's tokens; log mu from the sampler where its tokens are the action's,
-    else from a forward pass."""
+    else from a forward pass (continuing the sampler's cache when there is one)."""
+    samples = generation.samples
     end_text = tokenizer.decode([end_id])
     actions: list[Action] = []
     rescore: list[int] = []
@@ -137,9 +145,14 @@ def to_actions(tokenizer, episodes: Sequence[_Episode], prompts: Sequence[list[i
         if sample.logprob is None or ids != sampled:
             rescore.append(index)
         actions.append(Action(text, piece, ids, sample.logprob if sample.logprob is not None else float("nan")))
-    if rescore:
+    if rescore and generation.cache is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
+        scores = score_actions_on_cache(model, generation.cache, rescore, [prompts[i] for i in rescore],
+                                        [actions[i].token_ids for i in rescore], pad_id=pad, batch_size=batch_size)
+    elif rescore:
         scores = score_actions(model, tokenizer, [prompts[i] for i in rescore],
                                [actions[i].token_ids for i in rescore], batch_size=batch_size)
+    if rescore:
         for index, score in zip(rescore, scores):
             actions[index].logprob = score
     return actions
@@ -189,7 +202,7 @@ def run_chunk(
         generation = sampler.sample(prompts, max_new_tokens=settings.max_new_tokens,
                                     temperature=settings.temperature, seed=derive_seed(seed, "turn", t), cache=cache)
         stats.sampled_tokens += sum(s.num_sampled for s in generation.samples)
-        actions = to_actions(tokenizer, episodes, prompts, generation.samples, end_id=end_id, model=model,
+        actions = to_actions(tokenizer, episodes, prompts, generation, end_id=end_id, model=model,
                              batch_size=score_batch_size)
         contexts = [render_context(tokenizer, e.messages, response=a.text) for e, a in zip(episodes, actions)]
         readings = probe_answers(probe, [e.item for e in episodes], contexts, generation.cache)

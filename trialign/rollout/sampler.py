@@ -163,6 +163,45 @@ def score_actions(
     return totals
 
 
+@torch.inference_mode()
+def score_actions_on_cache(model, cache: GenerationCache, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                           actions: Sequence[Sequence[int]], *, pad_id: int, batch_size: int = 16) -> list[float]:
+    """`score_actions` for rows of a sampling call, continuing its cache: row `rows[i]` of `cache` holds
+    `prompts[i]` (then the sampled tokens, masked out here), so only the action's tokens run. The cache is left as
+    it was (each batch of rows works on a copy)."""
+    from transformers import DynamicCache
+
+    device = cache.mask.device
+    totals = []
+    for start in range(0, len(rows), batch_size):
+        part = range(start, min(start + batch_size, len(rows)))
+        pick = torch.tensor([rows[i] for i in part], device=device)
+        kept = torch.tensor([len(prompts[i]) for i in part], device=device)
+        if any(cache.tokens[rows[i]][:len(prompts[i])] != list(prompts[i]) for i in part):
+            raise ValueError("score_actions_on_cache: a prompt is not the start of its cache row")
+        past = DynamicCache([(k.index_select(0, pick), v.index_select(0, pick)) for k, v, *_ in cache.past_key_values],
+                            config=model.config)
+        # The cache holds no logits: the prompt's last token is fed again (its cached copy masked out), so that its
+        # logits predict the action's first token; then the action but its last token.
+        mask = cache.mask.index_select(0, pick)
+        mask = mask * (mask.cumsum(-1) <= (kept - 1)[:, None])
+        feeds = [[prompts[i][-1]] + list(actions[i][:-1]) for i in part]
+        width = max(len(f) for f in feeds)
+        ids = torch.full((len(feeds), width), pad_id, dtype=torch.long, device=device)
+        feed_mask = torch.zeros((len(feeds), width), dtype=torch.long, device=device)
+        targets = torch.full((len(feeds), width), pad_id, dtype=torch.long, device=device)
+        for row, (feed, i) in enumerate(zip(feeds, part)):
+            ids[row, :len(feed)] = torch.tensor(feed, device=device)
+            feed_mask[row, :len(feed)] = 1
+            targets[row, :len(feed)] = torch.tensor(list(actions[i]), device=device)
+        steps = torch.arange(width, device=device)
+        logits = model(input_ids=ids, attention_mask=torch.cat([mask, feed_mask], 1), past_key_values=past,
+                       position_ids=(kept - 1)[:, None] + steps[None, :], use_cache=True).logits
+        values = _token_logprobs(logits.flatten(0, 1), targets.flatten()).view(targets.shape) * feed_mask
+        totals.extend(values.sum(-1).tolist())
+    return totals
+
+
 class HFSampler:
     """Samples with transformers `generate`: one call for all prompts given, left padding, KV cache."""
 
