@@ -58,7 +58,7 @@ def test_two_process_ddp_gives_the_validation_metrics_of_one_process(tmp_path, t
     for name in (*AUDIT, *[k for k in before if k.startswith("val/acc/")]):
         assert before[name] == pytest.approx(single_before[name], abs=1e-9), name
         assert after[name] == pytest.approx(single_after[name], abs=1e-9), name
-    assert before["val/penalty"] == pytest.approx(single_before["val/penalty"], rel=1e-4)
-    assert after["val/penalty"] == pytest.approx(single_after["val/penalty"], rel=1e-4)
-    assert after["val/penalty"] != pytest.approx(before["val/penalty"], rel=1e-3)  # training changed the policy
+    assert before["val/penalty"] == pytest.approx(single_before["val/penalty"], rel=1e-3)
+    assert after["val/penalty"] == pytest.approx(single_after["val/penalty"], rel=1e-3)
+    assert after["val/penalty"] != pytest.approx(before["val/penalty"], rel=1e-2)  # training changed the policy
     assert (tmp_path / "ddp/adapter/adapter_model.safetensors").is_file()

@@ -61,6 +61,7 @@ def test_jsd_random_case_with_padding_matches_numpy_and_has_finite_gradients():
     group_mask = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 0]], dtype=bool)
     padded = logits.copy()
     padded[~np.broadcast_to(option_mask[:, None, :], logits.shape)] = np.nan  # padding must not leak
+    padded[1, 1] = [np.inf, -np.inf, np.nan, 1e30, 0.0]  # nor an absent group's row
     x = torch.tensor(padded, requires_grad=True)
     _, om, gold, gm, has = _option_batch(padded, option_mask, group_mask)
     loss = JensenShannon()(x, om, gold, gm, has)
@@ -70,6 +71,19 @@ def test_jsd_random_case_with_padding_matches_numpy_and_has_finite_gradients():
     assert np.isfinite(grad).all()
     assert np.abs(grad[0]).sum() > 0  # gradient reaches the answer-probe log-probabilities
     assert (grad[1, 1] == 0).all() and (grad[1, :, 3:] == 0).all()  # absent group, padded options
+
+
+def test_jsd_of_nearly_agreeing_groups_keeps_its_digits_in_float32():
+    # Groups that almost agree (JSD ~ 1e-6, where a trained policy sits) — a difference of two entropies of size
+    # log(4) would keep only ~1 significant digit in fp32; the KL-to-mixture form keeps about 5.
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(2, 1, 4))
+    logits = base + 1e-3 * rng.normal(size=(2, 6, 4))
+    reference = _jsd_reference(logits, np.ones((2, 4), bool), np.ones((2, 6), bool)).mean()  # float64
+    assert 1e-7 < reference < 1e-5
+    x = torch.tensor(logits, dtype=torch.float32)
+    _, om, gold, gm, has = _option_batch(logits)
+    assert JensenShannon()(x, om, gold.float(), gm, has).item() == pytest.approx(reference, rel=1e-3)
 
 
 def test_jsd_ignores_free_form_items_and_single_group_items():
