@@ -1,7 +1,9 @@
 """The rollout environment: K episodes of T turns for every (item, group) of a chunk of items, as dataset rows.
 
 One turn of every episode of the chunk advances together: the states of all items x groups x samples are sampled
-in one batched call, then scored in one probe call. Per assistant turn (DESIGN.md, "Environment and
+in one batched call, then scored in one probe call. The KV cache of that call serves the probe
+(`trialign.rollout.cached_probe`) and is continued by the next turn's call, so each token of a conversation runs
+through the model about once. Per assistant turn (DESIGN.md, "Environment and
 trajectories"):
 
 * ``truth_t``: the answer probe's reading of the message (the conversation so far, the message, "Final answer:")
@@ -24,8 +26,8 @@ from typing import Protocol, Sequence
 from trialign.groups import Group
 from trialign.preferences import preference_score
 from trialign.probe import AnswerProbe, render_context
-from trialign.rollout.cached_probe import probe_answers
 from trialign.prompts import build_messages
+from trialign.rollout.cached_probe import probe_answers
 from trialign.rollout.sampler import (
     Generation,
     GenerationCache,
