@@ -3,6 +3,9 @@
 * ``fit | validate | test`` — LightningCLI over `TriAlignModule` + `GroupTrajectoryDataModule` (trialign/lightning_cli.py).
 * ``rollout`` — generate the offline multi-group trajectory dataset (trialign/rollout/command.py).
 * ``evaluate`` — the truth-consistency audit of a model under every persona (trialign/evaluate.py).
+* ``experiment`` — the end-to-end pipeline: rollout, fit TriAlign and the baselines, evaluate, report
+  (trialign/experiment.py).
+* ``report`` — results table, per-group charts and trade-off plot as Markdown and HTML (trialign/report.py).
 
 A `TriAlignError` (bad input a user can fix) is printed as one line and exits with status 2; add ``--debug`` to
 any command for the full traceback.
@@ -24,10 +27,12 @@ COMMANDS = {
     "test": ("trialign.lightning_cli", "main", "run the test loop (LightningCLI)"),
     "rollout": ("trialign.rollout.command", "main", "generate the offline multi-group trajectory dataset"),
     "evaluate": ("trialign.evaluate", "main", "audit truth accuracy and cross-group consistency under personas"),
+    "experiment": ("trialign.experiment", "main", "rollout -> fit every method -> evaluate -> report, resumable"),
+    "report": ("trialign.report", "main", "Markdown + self-contained HTML report of evaluated methods"),
 }
 
 USAGE = "usage: python -m trialign {" + ",".join(COMMANDS) + "} [--debug] ...\n\n" + "\n".join(
-    f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()
+    f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()
 )
 
 
