@@ -1,0 +1,302 @@
+"""`trialign report`: tables equal the metrics.json numbers, best values in bold, a self-contained HTML page with
+valid embedded PNGs, every evaluation of an experiment listed, one-line errors naming the file, nothing written on
+error, and (when chromium is installed) the page renders to a non-trivial screenshot."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trialign.cli import main as cli_main
+from trialign.evaluate import AuditRecords, EvaluateConfig, add_group_means, summarize, write_json_atomic
+from trialign.report import COLUMNS, format_cell
+
+TRAIN_GROUPS = ["neutral", "teenager", "phd_researcher", "retired_farmer"]
+HELDOUT_GROUPS = ["neutral", "non_native_speaker", "visually_impaired"]
+METHODS = {  # name -> (kind, base accuracy, answer spread, personalization)
+    "trialign": ("trained", 0.72, 0.10, 0.60),
+    "nash_only": ("trained", 0.66, 0.25, 0.55),
+    "same_answer_prompt": ("training-free", 0.60, 0.15, 0.20),
+}
+
+
+def audit_document(label: str, task: str, groups: list[str], accuracy: float, spread: float, pers: float,
+                   seed: int, n_items: int = 30, mode: str = "generate", groups_file: str = "default") -> dict:
+    """A metrics.json document in the real format: synthetic AuditRecords through evaluate's summarize."""
+    rng = np.random.default_rng(seed)
+    g = len(groups)
+    base = rng.random(n_items) < accuracy
+    flips = rng.random((n_items, g)) < spread
+    flips[:, 0] = False  # the reference group answers like the base model
+    correct = base[:, None] ^ flips
+    answers = np.where(correct, 0, 1 + rng.integers(0, 3, size=(n_items, g)))
+    personalization = np.clip(pers + 0.2 * rng.standard_normal((n_items, g)), 0, 1) if mode == "generate" else \
+        np.zeros((n_items, g))
+    records = AuditRecords(group_names=groups, reference="neutral", correct=correct, answers=answers,
+                           personalization=personalization, utility=correct + 0.5 * personalization)
+    metrics = summarize(records, n_resamples=200, seed=seed)
+    add_group_means(metrics, records, n_resamples=200, seed=seed)
+    config = EvaluateConfig(task=task, groups=groups_file, mode=mode, label=label, bootstrap=200, seed=seed)
+    return {"label": label, "config": dataclasses.asdict(config), "task": task, "num_items": n_items,
+            "groups": groups, "reference": "neutral", "mode": mode, "seconds": 1.0, "metrics": metrics}
+
+
+def write_result(folder: Path, document: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "metrics.json", document)
+    (folder / "per_item.jsonl").write_text("")
+    return folder
+
+
+def make_experiment(root: Path) -> Path:
+    run = root / "runs" / "experiment" / "demo"
+    splits = {"main": ("truthfulqa_mc1", TRAIN_GROUPS, "default"),
+              "heldout_groups": ("truthfulqa_mc1", HELDOUT_GROUPS, "heldout"),
+              "transfer": ("bbq_age", TRAIN_GROUPS, "default")}
+    evaluations = []
+    for s, (split, (task, groups, groups_file)) in enumerate(splits.items()):
+        for m, (method, (_, acc, spread, pers)) in enumerate(METHODS.items()):
+            path = f"eval/{method}/{split}"
+            write_result(run / path, audit_document(method, task, groups, acc, spread, pers, seed=10 * s + m,
+                                                    groups_file=groups_file))
+            evaluations.append({"method": method, "split": split, "path": path})
+    manifest = {
+        "name": "demo",
+        "config": {"model": "smollm2-135m-instruct", "rollout": {"episodes": 2, "turns": 2}, "seed": 0},
+        "fingerprints": {"model": "a" * 64, "rollout": "b" * 64, "data": {"truthfulqa_mc1": "c" * 64}},
+        "methods": [{"name": name, "kind": kind, "config_file": f"configs/{name}.yaml",
+                     "adapter": f"checkpoints/{name}" if kind == "trained" else None}
+                    for name, (kind, *_rest) in METHODS.items()],
+        "evaluations": evaluations,
+        "extra_key_from_a_newer_pipeline": {"ignored": True},
+    }
+    (run / "experiment.json").write_text(json.dumps(manifest, indent=2))
+    return run
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    """An experiment run folder with 3 methods x 3 splits, reported once through the CLI."""
+    run = make_experiment(tmp_path_factory.mktemp("report"))
+    assert cli_main(["report", "--experiment", str(run)]) == 0
+    return run
+
+
+def markdown_tables(text: str) -> dict[str, list[list[str]]]:
+    """The results table of each '## Split: <name>' section, as rows of cells (header first)."""
+    tables = {}
+    for section in re.split(r"^## Split: ", text, flags=re.M)[1:]:
+        name, body = section.split("\n", 1)
+        lines = [ln for ln in body.split("\n\n")[1].splitlines() if ln.startswith("|")]
+        tables[name.strip()] = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines if "---" not in ln]
+    return tables
+
+
+def unbold(cell: str) -> str:
+    return cell[2:-2] if cell.startswith("**") and cell.endswith("**") else cell
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli_main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cells_are_metrics_json_numbers_to_three_decimals():
+    assert format_cell(0.71234, 0.65049, 0.77051) == "0.712 [0.650, 0.771]"
+    assert format_cell(0.5, None, None) == "0.500"
+    assert format_cell(None, None, None) == "n/a"
+    assert format_cell(-2.30259, -3.0, -1.60944) == "-2.303 [-3.000, -1.609]"
+
+
+def test_markdown_tables_equal_metrics_json(experiment):
+    tables = markdown_tables((experiment / "report.md").read_text())
+    assert list(tables) == ["main", "heldout_groups", "transfer"]
+    for split, (header, *rows) in tables.items():
+        assert header[:3] == ["method", "kind", "items"] and len(header) == 3 + len(COLUMNS)
+        assert [row[0] for row in rows] == list(METHODS)
+        for row in rows:
+            saved = json.loads((experiment / "eval" / row[0] / split / "metrics.json").read_text())
+            assert row[1] == METHODS[row[0]][0] and row[2] == "30"
+            for cell, (name, _, _) in zip(row[3:], COLUMNS):
+                m = saved["metrics"][name]
+                assert unbold(cell) == f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def test_best_value_per_column_is_bold_and_null_ci_shows_the_value(tmp_path):
+    def doc(label, acc, gap, consistency, ci=True):
+        metrics = {name: {"value": 0.0, "ci_low": None, "ci_high": None} for name, _, _ in COLUMNS}
+        for name, value in (("acc_mean", acc), ("acc_gap", gap), ("consistency", consistency)):
+            metrics[name] = {"value": value, "ci_low": value - 0.05 if ci else None, "ci_high": value + 0.05 if ci
+                             else None}
+        metrics["nash_welfare"] = {"value": float("nan"), "ci_low": None, "ci_high": None}
+        return {"label": label, "task": "truthfulqa_mc1", "num_items": 50, "groups": ["neutral"],
+                "config": {"groups": "default"}, "metrics": metrics}
+
+    a = write_result(tmp_path / "a", doc("A", 0.8, 0.10, 0.5))
+    b = write_result(tmp_path / "b", doc("B", 0.7, 0.05, 0.5004, ci=False))
+    c = write_result(tmp_path / "c", doc("C", 0.8, 0.20, 0.4))
+    assert cli_main(["report", "--results", str(a), str(b), str(c), "--output", str(tmp_path / "out")]) == 0
+    (header, *rows), = markdown_tables((tmp_path / "out" / "report.md").read_text()).values()
+    assert header[:2] == ["method", "items"]  # no kind column without an experiment
+    col = {name: 2 + i for i, (name, _, _) in enumerate(COLUMNS)}
+    by = {row[0]: row for row in rows}
+    # Accuracy: higher is better, A and C tie. Gap: lower is better. Consistency 0.500 vs 0.500 (shown) tie: both.
+    assert by["A"][col["acc_mean"]] == "**0.800 [0.750, 0.850]**" and by["C"][col["acc_mean"]].startswith("**")
+    assert by["B"][col["acc_mean"]] == "0.700"
+    assert by["B"][col["acc_gap"]] == "**0.050**" and not by["A"][col["acc_gap"]].startswith("**")
+    assert by["A"][col["consistency"]].startswith("**") and by["B"][col["consistency"]] == "**0.500**"
+    assert by["C"][col["consistency"]] == "0.400 [0.350, 0.450]"
+    # All equal (personalization 0 everywhere) or missing (NaN Nash welfare): nothing is best.
+    assert all(row[col["personalization_mean"]] == "0.000" for row in rows)
+    assert all(row[col["nash_welfare"]] == "n/a" for row in rows)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert html.count('<td class="best">') == 2 + 1 + 2
+
+
+def test_html_is_self_contained_and_embeds_valid_pngs(experiment):
+    from PIL import Image
+
+    page = (experiment / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", page, flags=re.I)
+    assert not re.search(r"<script|<link|@import|url\(", page, flags=re.I)
+    images = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == page.count("<img") == 3 + 1  # one chart per split + the trade-off plot
+    files = sorted((experiment / "report_files").glob("*.png"))
+    assert len(files) == 4
+    for encoded in images:
+        png = base64.b64decode(encoded, validate=True)
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        with Image.open(io.BytesIO(png)) as image:
+            image.verify()
+        assert png in {f.read_bytes() for f in files}  # the HTML embeds exactly the PNGs beside the Markdown
+    markdown = (experiment / "report.md").read_text()
+    assert all(f"](report_files/{f.name})" in markdown for f in files)
+    m = json.loads((experiment / "eval" / "nash_only" / "transfer" / "metrics.json").read_text())["metrics"]["acc_gap"]
+    assert f'{m["value"]:.3f}<br><span class="ci">[{m["ci_low"]:.3f}, {m["ci_high"]:.3f}]</span>' in page
+
+
+def test_experiment_report_lists_every_evaluation_config_and_fingerprint(experiment):
+    manifest = json.loads((experiment / "experiment.json").read_text())
+    markdown = (experiment / "report.md").read_text()
+    page = (experiment / "report.html").read_text()
+    tables = markdown_tables(markdown)
+    for entry in manifest["evaluations"]:
+        assert entry["method"] in [row[0] for row in tables[entry["split"]][1:]]
+        path = str(experiment / entry["path"] / "metrics.json")
+        assert path in markdown and path in page
+    for fingerprint in ("a" * 64, "b" * 64, "c" * 64):
+        assert fingerprint in markdown and fingerprint in page
+    assert "data.truthfulqa_mc1" in markdown
+    assert "model: smollm2-135m-instruct" in markdown and "episodes: 2" in page
+    assert "configs/trialign.yaml" in markdown and "checkpoints/nash_only" in page
+    assert "task: bbq_age" in markdown  # differs between evaluations: listed per evaluation
+    assert "30 items per evaluation" in markdown and "Overlapping intervals" in page
+    for name in ("trialign", "heldout_groups", "non_native_speaker", "personalization"):
+        assert name in page
+
+
+def test_results_mode_names_methods_by_label_and_splits_by_task_and_groups(tmp_path, capsys):
+    a = write_result(tmp_path / "base", audit_document("base model", "gsm8k", TRAIN_GROUPS, 0.5, 0.2, 0, seed=1,
+                                                       mode="probe"))
+    b = write_result(tmp_path / "held", audit_document("base model", "gsm8k", HELDOUT_GROUPS, 0.5, 0.2, 0, seed=2,
+                                                       mode="probe", groups_file="heldout"))
+    code, out, err = run_cli(capsys, "report", "--results", str(a), str(b / "metrics.json"), "--output",
+                             str(tmp_path / "out"), "--title", "Base | model")
+    assert code == 0 and err == "" and "2 evaluations, 2 splits" in out
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert markdown.startswith("# Base | model\n")
+    assert list(markdown_tables(markdown)) == ["gsm8k / default", "gsm8k / heldout"]
+    assert "<title>Base | model</title>" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_evaluation_paths_may_be_run_relative_cwd_relative_files_or_left_out(tmp_path, monkeypatch):
+    from trialign.report import from_experiment
+
+    run = tmp_path / "runs" / "experiment" / "x"
+    docs = {f"m{i}": audit_document(f"m{i}", "gsm8k", TRAIN_GROUPS, 0.5, 0.1, 0.3, seed=i, n_items=5)
+            for i in range(4)}
+    for name, document in docs.items():
+        write_result(run / "eval" / name / "main", document)
+    monkeypatch.chdir(tmp_path)
+    entries = [{"method": "m0", "split": "main", "path": "eval/m0/main"},
+               {"method": "m1", "split": "main", "path": "runs/experiment/x/eval/m1/main"},
+               {"method": "m2", "split": "main", "path": str(run / "eval/m2/main/metrics.json")},
+               {"method": "m3", "split": "main"}]
+    (run / "experiment.json").write_text(json.dumps({"evaluations": entries, "methods": "not a list"}))
+    report = from_experiment(run)
+    assert [e.method for e in report.evaluations] == list(docs) and report.splits == ["main"]
+    assert [e.document["label"] for e in report.evaluations] == list(docs)
+    assert report.title == "TriAlign experiment: x"
+
+
+def bad_experiment(root: Path, case: str) -> tuple[list[str], Path, Path]:
+    """CLI arguments of a broken input, the file the error must name, and the output folder."""
+    out = root / "out"
+    if case in ("missing metrics.json", "bad JSON"):
+        good = write_result(root / "good", audit_document("m", "gsm8k", TRAIN_GROUPS, 0.5, 0.1, 0.3, seed=0))
+        bad = root / "bad"
+        bad.mkdir()
+        if case == "bad JSON":
+            (bad / "metrics.json").write_text('{"label": "m", "metrics": {')
+        return ["--results", str(good), str(bad), "--output", str(out)], bad / "metrics.json", out
+    run = make_experiment(root) if case == "experiment metrics.json missing" else root / "run"
+    manifest = run / "experiment.json"
+    if case == "experiment metrics.json missing":
+        victim = run / "eval" / "nash_only" / "transfer" / "metrics.json"
+        victim.unlink()
+        return ["--experiment", str(run)], victim, run
+    run.mkdir()
+    if case == "no evaluations":
+        manifest.write_text(json.dumps({"name": "x", "config": {}, "methods": []}))
+    elif case == "metrics without values":
+        write_result(run / "e", {"label": "m", "metrics": {"acc_mean": 0.5}})
+        manifest.write_text(json.dumps({"evaluations": [{"method": "m", "split": "main", "path": "e"}]}))
+        return ["--experiment", str(run)], run / "e" / "metrics.json", run
+    return ["--experiment", str(run)], manifest, run
+
+
+@pytest.mark.parametrize("case", ["missing metrics.json", "bad JSON", "no evaluations", "no experiment.json",
+                                  "experiment metrics.json missing", "metrics without values"])
+def test_errors_are_one_line_naming_the_file_and_write_nothing(tmp_path, capsys, case):
+    args, named, out = bad_experiment(tmp_path, case)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, stdout, err = run_cli(capsys, "report", *args)
+    assert code == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and str(named) in err, err
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert after == before  # no report.md, report.html, report_files/ or temporary file
+    assert not (out / "report.md").exists() and not (out / "report.html").exists()
+
+
+@pytest.mark.timeout(180)
+def test_chromium_renders_the_page_to_a_non_trivial_screenshot(experiment, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
+    from PIL import Image
+
+    shot = tmp_path / "page.png"
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+               "--window-size=1200,2000", (experiment / "report.html").resolve().as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    assert shot.is_file(), result.stderr[-2000:]
+    assert shot.stat().st_size > 20_000
+    with Image.open(shot) as image:
+        assert image.size == (1200, 2000)
+        pixels = np.asarray(image.convert("RGB"))
+    colours = np.unique(pixels.reshape(-1, 3)[::7], axis=0)
+    assert len(colours) > 50  # text, tables and charts, not a blank page
+    dark = (pixels.sum(axis=-1) < 200).mean()
+    assert 0.001 < dark < 0.5  # some ink on a light page

@@ -1,0 +1,626 @@
+"""`trialign report`: evaluation results as a Markdown file and a self-contained HTML page.
+
+Input is either an experiment run folder (``--experiment runs/experiment/<name>``: its ``experiment.json`` lists the
+evaluations as ``{method, split, path}``) or a plain list of `trialign evaluate` output folders (``--results DIR ...``:
+the method is each ``metrics.json``'s label, the split its task and group file).
+
+The report holds, per split, a results table (accuracy, worst-group accuracy, gap, consistency,
+consistent-and-correct, breakage, personalization, Nash welfare, each as ``value [95% CI]``, the best point estimate
+per column in bold), a per-group accuracy bar chart with CI whiskers and the per-group numbers; then a trade-off plot
+(mean accuracy vs. consistency, colour = personalization, one point per method), the configs, fingerprints and the
+files the numbers come from. Plots are PNGs drawn with matplotlib's Agg renderer: written beside the Markdown in
+``report_files/`` (so it renders on GitHub) and embedded as base64 in the HTML (a single file, no external assets,
+no scripts).
+
+Everything is read and rendered in memory first; files are written only then, each to a temporary name and renamed,
+so a bad input leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from trialign.errors import TriAlignError, require
+
+# (metrics.json name, column header, direction: +1 higher is better, -1 lower is better).
+COLUMNS = [
+    ("acc_mean", "accuracy", +1),
+    ("acc_worst", "worst-group acc.", +1),
+    ("acc_gap", "gap", -1),
+    ("consistency", "consistency", +1),
+    ("consistent_correct", "consistent & correct", +1),
+    ("breakage_mean", "breakage", -1),
+    ("personalization_mean", "personalization", +1),
+    ("nash_welfare", "Nash welfare", +1),
+]
+DIGITS = 3
+SPLIT_ORDER = ("main", "heldout_groups", "transfer")
+SPLIT_NOTES = {
+    "main": "held-out items of the training task, training groups",
+    "heldout_groups": "personas never seen in training",
+    "transfer": "a task not used in training",
+}
+FILES_DIR = "report_files"
+
+
+@dataclass
+class Evaluation:
+    """One evaluated (method, split) pair and its ``metrics.json`` document."""
+
+    method: str
+    split: str
+    path: Path
+    """The metrics.json file."""
+    document: dict[str, Any]
+    sha256: str
+    kind: str | None = None
+    """`trained` / `training-free` when the experiment says so."""
+
+    def metric(self, name: str) -> tuple[float | None, float | None, float | None]:
+        entry = self.document["metrics"].get(name)
+        if not isinstance(entry, dict):
+            return None, None, None
+        return _number(entry.get("value")), _number(entry.get("ci_low")), _number(entry.get("ci_high"))
+
+    @property
+    def groups(self) -> list[str]:
+        listed = self.document.get("groups")
+        if isinstance(listed, list):
+            return [str(g) for g in listed]
+        return [k.split("/", 1)[1] for k in self.document["metrics"] if k.startswith("acc/")]
+
+
+@dataclass
+class Report:
+    title: str
+    evaluations: list[Evaluation]
+    experiment: dict[str, Any] | None = None
+    source: str = ""
+    splits: list[str] = field(init=False)
+    methods: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        seen = list(dict.fromkeys(e.split for e in self.evaluations))
+        self.splits = [s for s in SPLIT_ORDER if s in seen] + [s for s in seen if s not in SPLIT_ORDER]
+        self.methods = list(dict.fromkeys(e.method for e in self.evaluations))
+
+    def in_split(self, split: str) -> list[Evaluation]:
+        return [e for e in self.evaluations if e.split == split]
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for null / NaN / inf (evaluate writes an absent CI as NaN or null)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------- reading inputs
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise TriAlignError(f"{what} {path}: not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise TriAlignError(f"{what} {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})")
+    except (UnicodeDecodeError, OSError) as err:
+        raise TriAlignError(f"{what} {path}: unreadable ({err})")
+
+
+def read_metrics(path: str | Path) -> tuple[dict[str, Any], str]:
+    """A ``metrics.json`` (or the folder holding it) as a checked document, plus its sha256."""
+    path = _metrics_file(path)
+    document = _read_json(path, "metrics file")
+    require(isinstance(document, dict), f"metrics file {path}: expected a JSON object")
+    metrics = document.get("metrics")
+    require(isinstance(metrics, dict) and metrics, f"metrics file {path}: expected a non-empty 'metrics' object")
+    for name, entry in metrics.items():
+        require(isinstance(entry, dict) and "value" in entry,
+                f"metrics file {path}: metric '{name}' should be an object with 'value', 'ci_low', 'ci_high'")
+    return document, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _metrics_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".json" else path / "metrics.json"
+
+
+def _metrics_path(base: Path, entry_path: str) -> Path:
+    path = Path(entry_path)
+    if not path.is_absolute():
+        # The pipeline may record paths relative to the run folder or to where it was started; prefer the run folder.
+        in_run = base / path
+        path = in_run if in_run.exists() or not path.exists() else path
+    return _metrics_file(path)
+
+
+def from_experiment(folder: str | Path, title: str | None = None) -> Report:
+    """The report of an experiment run folder, from its ``experiment.json``."""
+    folder = Path(folder)
+    manifest_path = folder / "experiment.json"
+    manifest = _read_json(manifest_path, "experiment file")
+    require(isinstance(manifest, dict), f"experiment file {manifest_path}: expected a JSON object")
+    entries = manifest.get("evaluations")
+    require(isinstance(entries, list) and entries,
+            f"experiment file {manifest_path}: expected a non-empty 'evaluations' list of {{method, split, path}}")
+    methods = manifest.get("methods") if isinstance(manifest.get("methods"), list) else []
+    kinds = {m.get("name"): m.get("kind") for m in methods if isinstance(m, dict)}
+    evaluations = []
+    for index, entry in enumerate(entries):
+        where = f"experiment file {manifest_path}: evaluations[{index}]"
+        require(isinstance(entry, dict), f"{where}: expected an object with method, split, path")
+        for key in ("method", "split"):
+            require(isinstance(entry.get(key), str) and entry[key], f"{where}: expected a string '{key}'")
+        method, split = entry["method"], entry["split"]
+        raw = entry.get("path", f"eval/{method}/{split}")
+        require(isinstance(raw, str) and raw, f"{where}: expected a string 'path'")
+        path = _metrics_path(folder, raw)
+        document, digest = read_metrics(path)
+        evaluations.append(Evaluation(method, split, path, document, digest, kind=kinds.get(method)))
+    name = manifest.get("name") or folder.name
+    return Report(title or f"TriAlign experiment: {name}", _unique(evaluations), manifest, source=str(manifest_path))
+
+
+def from_results(folders: Sequence[str | Path], title: str | None = None) -> Report:
+    """The report of plain `trialign evaluate` output folders (method = label, split = task and group file)."""
+    require(len(folders) > 0, "results: expected at least one evaluate output folder")
+    evaluations = []
+    for folder in folders:
+        document, digest = read_metrics(folder)
+        path = _metrics_file(folder)
+        config = document.get("config") if isinstance(document.get("config"), dict) else {}
+        method = str(document.get("label") or path.parent.name)
+        task = str(document.get("task") or config.get("task") or "task")
+        groups = config.get("groups")
+        groups = Path(str(groups)).stem if groups else f"{len(document.get('groups') or [])} groups"
+        evaluations.append(Evaluation(method, f"{task} / {groups}", path, document, digest))
+    return Report(title or "TriAlign evaluation report", _unique(evaluations), None, source="results")
+
+
+def _unique(evaluations: list[Evaluation]) -> list[Evaluation]:
+    """Give repeated (method, split) pairs distinct method names (the folder name is added)."""
+    counts: dict[tuple[str, str], int] = {}
+    for e in evaluations:
+        counts[(e.method, e.split)] = counts.get((e.method, e.split), 0) + 1
+    for e in evaluations:
+        if counts[(e.method, e.split)] > 1:
+            e.method = f"{e.method} ({e.path.parent.name})"
+    return evaluations
+
+
+# ----------------------------------------------------------------------------------------------- table contents
+
+
+def format_cell(value: float | None, low: float | None, high: float | None) -> str:
+    """``value [low, high]`` to three decimals; the value alone without a CI; ``n/a`` without a value."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.{DIGITS}f}"
+    if low is not None and high is not None:
+        text += f" [{low:.{DIGITS}f}, {high:.{DIGITS}f}]"
+    return text
+
+
+def best_rows(values: Sequence[float | None], direction: int) -> set[int]:
+    """Rows holding the best shown value of a column; none when fewer than two values or all are equal."""
+    shown = {i: round(v, DIGITS) for i, v in enumerate(values) if v is not None}
+    if len(shown) < 2 or len(set(shown.values())) == 1:
+        return set()
+    best = max(shown.values()) if direction > 0 else min(shown.values())
+    return {i for i, v in shown.items() if v == best}
+
+
+def results_table(evaluations: list[Evaluation]) -> tuple[list[str], list[list[str]], list[set[int]]]:
+    """Header, cell texts (method, [kind,] items, metrics...) and per metric column the bold rows."""
+    kinds = any(e.kind for e in evaluations)  # known only from an experiment
+    header = ["method"] + ["kind"] * kinds + ["items"]
+    header += [f"{label} {'↑' if d > 0 else '↓'}" for _, label, d in COLUMNS]
+    rows = [[e.method] + [e.kind or "-"] * kinds + [str(e.document.get("num_items", "?"))] for e in evaluations]
+    bold = []
+    for name, _, direction in COLUMNS:
+        values = [e.metric(name) for e in evaluations]
+        for row, triple in zip(rows, values):
+            row.append(format_cell(*triple))
+        bold.append(best_rows([v[0] for v in values], direction))
+    return header, rows, bold
+
+
+def split_groups(evaluations: list[Evaluation]) -> list[str]:
+    return list(dict.fromkeys(g for e in evaluations for g in e.groups))
+
+
+def split_caption(split: str, evaluations: list[Evaluation]) -> str:
+    tasks = sorted({str(e.document.get("task", "?")) for e in evaluations})
+    items = sorted({e.document.get("num_items") for e in evaluations}, key=str)
+    modes = sorted({str(e.document.get("mode", "?")) for e in evaluations})
+    groups = {tuple(e.groups) for e in evaluations}
+    text = (f"task {', '.join(tasks)}; {' / '.join(map(str, items))} items x {len(split_groups(evaluations))} "
+            f"groups; mode {', '.join(modes)}")
+    if split in SPLIT_NOTES:
+        text = f"{SPLIT_NOTES[split]}: {text}"
+    if len(tasks) > 1 or len(items) > 1 or len(groups) > 1:
+        text += ". Note: the methods in this split were not evaluated on the same items and groups."
+    return text
+
+
+def reading_notes(report: Report) -> list[str]:
+    items = sorted({e.document.get("num_items") for e in report.evaluations if e.document.get("num_items")})
+    counts = ", ".join(map(str, items)) or "an unknown number of"
+    return [
+        f"Every number is computed from {counts} items per evaluation; the brackets are 95% percentile-bootstrap "
+        "confidence intervals over items.",
+        "Overlapping intervals mean this data shows no detectable difference between the methods. Methods evaluated "
+        "on the same items are paired, so a paired test can detect smaller differences than the overlap suggests; "
+        "bold marks the best point estimate, not a significant difference.",
+        "Higher is better except for the gap (max - min group accuracy) and breakage (answers right without a "
+        "persona, wrong with one); consistency is the share of items where every group got the same answer.",
+        "Personalization is the share of each group's verifiable preferences a response satisfies; it is 0 in probe "
+        "mode, where no response is written. Nash welfare (sum over groups of log utility) compares methods only on "
+        "the same groups.",
+    ]
+
+
+def provenance(report: Report) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """Fingerprints (flattened) and evaluation settings: the ones shared by all, then each one's differences."""
+    fingerprints: dict[str, Any] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            fingerprints[prefix] = value
+
+    if report.experiment is not None:
+        flatten("", report.experiment.get("fingerprints") or {})
+    configs = [e.document.get("config") if isinstance(e.document.get("config"), dict) else {}
+               for e in report.evaluations]
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    shared = {k: configs[0].get(k) for k in keys if all(k in c and c[k] == configs[0][k] for c in configs)}
+    differing = [(e.method, e.split, _yaml({k: v for k, v in c.items() if k not in shared}))
+                 for e, c in zip(report.evaluations, configs)]
+    return {"fingerprints": fingerprints, "shared": shared}, differing
+
+
+def _yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False).strip() if data else "{}"
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _colours(methods: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    # No Software/date metadata: the same results give byte-identical images.
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def group_chart(report: Report, split: str) -> bytes:
+    """Per-group accuracy: groups on x, one bar per method, whiskers = 95% CI where the results have one."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    evaluations = report.in_split(split)
+    groups = split_groups(evaluations)
+    colours = _colours(report.methods)
+    fig = Figure(figsize=(max(6.0, 0.75 * len(groups) * max(1, len(evaluations)) ** 0.5 + 2.5), 3.8))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(evaluations))
+    x = np.arange(len(groups))
+    for k, e in enumerate(evaluations):
+        triples = [e.metric(f"acc/{g}") for g in groups]
+        values = np.array([t[0] if t[0] is not None else np.nan for t in triples])
+        pos = x - 0.4 + width * (k + 0.5)
+        ax.bar(pos, values, width, label=e.method, color=colours[e.method])
+        ci = [(i, v, lo, hi) for i, (v, lo, hi) in enumerate(triples) if None not in (v, lo, hi)]
+        if ci:
+            idx, v, lo, hi = map(np.array, zip(*ci))
+            ax.errorbar(pos[idx], v, yerr=[np.maximum(v - lo, 0), np.maximum(hi - v, 0)], fmt="none",
+                        ecolor="#333333", elinewidth=0.8, capsize=2)
+    reference = {e.document.get("reference") for e in evaluations}
+    ax.set_xticks(x, [f"{g}\n(reference)" if g in reference else g for g in groups], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Per-group accuracy: {split}", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _png(fig)
+
+
+def tradeoff_chart(report: Report) -> bytes:
+    """Mean accuracy vs. consistency, colour = personalization; one panel per split, one point per method."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    n = len(report.splits)
+    fig = Figure(figsize=(4.2 * n + 1.2, 4.0))
+    axes = fig.subplots(1, n, sharex=True, sharey=True, squeeze=False)[0]
+    norm, cmap = Normalize(0.0, 1.0), colormaps["viridis"]
+    for ax, split in zip(axes, report.splits):
+        for e in report.in_split(split):
+            (x, xlo, xhi), (y, ylo, yhi) = e.metric("acc_mean"), e.metric("consistency")
+            if x is None or y is None:
+                continue
+            pers = e.metric("personalization_mean")[0]
+            if None not in (xlo, xhi, ylo, yhi):
+                ax.errorbar([x], [y], xerr=[[max(x - xlo, 0)], [max(xhi - x, 0)]],
+                            yerr=[[max(y - ylo, 0)], [max(yhi - y, 0)]], fmt="none", ecolor="#999999",
+                            elinewidth=0.8)
+            ax.scatter([x], [y], s=70, color=cmap(norm(pers)) if pers is not None else "#cccccc",
+                       edgecolors="#222222", linewidths=0.6, zorder=3)
+            ax.annotate(e.method, (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+        ax.set_title(split, fontsize=10)
+        ax.set_xlabel("accuracy (mean over groups)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("consistency")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), label="personalization", fraction=0.04)
+    return _png(fig)
+
+
+def render_plots(report: Report) -> dict[str, bytes]:
+    """PNG bytes keyed by file name (``groups_<i>_<split>.png``, ``tradeoff.png``)."""
+    plots = {plot_name(report, split): group_chart(report, split) for split in report.splits}
+    plots["tradeoff.png"] = tradeoff_chart(report)
+    return plots
+
+
+def plot_name(report: Report, split: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", split.lower()).strip("_") or "split"
+    return f"groups_{report.splits.index(split) + 1}_{slug}.png"
+
+
+# ----------------------------------------------------------------------------------------------- Markdown
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: list[str], rows: list[list[str]], bold: dict[tuple[int, int], bool] | None = None) -> list[str]:
+    bold = bold or {}
+    lines = ["| " + " | ".join(_md(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r, row in enumerate(rows):
+        cells = [f"**{_md(c)}**" if bold.get((r, k)) else _md(c) for k, c in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _bold_map(header: list[str], bold: list[set[int]]) -> dict[tuple[int, int], bool]:
+    offset = len(header) - len(bold)  # the metric columns come last
+    return {(r, offset + k): True for k, rows in enumerate(bold) for r in rows}
+
+
+def group_table(evaluations: list[Evaluation]) -> tuple[list[str], list[list[str]]]:
+    header = ["group"] + [e.method for e in evaluations]
+    references = {e.document.get("reference") for e in evaluations}
+    rows = [[g + (" (reference)" if g in references else "")]
+            + [format_cell(*e.metric(f"acc/{g}")) for e in evaluations] for g in split_groups(evaluations)]
+    return header, rows
+
+
+def render_markdown(report: Report, files_dir: str = FILES_DIR) -> str:
+    out = [f"# {report.title}", "", "## How to read this", ""]
+    out += [f"- {note}" for note in reading_notes(report)] + [""]
+    for split in report.splits:
+        evaluations = report.in_split(split)
+        header, rows, bold = results_table(evaluations)
+        out += [f"## Split: {split}", "", f"_{split_caption(split, evaluations)}_", ""]
+        out += _md_table(header, rows, _bold_map(header, bold)) + [""]
+        out += [f"![Per-group accuracy, {split}]({files_dir}/{plot_name(report, split)})", ""]
+        g_header, g_rows = group_table(evaluations)
+        out += ["<details><summary>Per-group accuracy [95% CI]</summary>", ""] + _md_table(g_header, g_rows)
+        out += ["", "</details>", ""]
+    out += ["## Trade-off: accuracy vs. consistency vs. personalization", "",
+            "One point per method; whiskers are 95% CIs, colour is mean personalization.", "",
+            f"![Trade-off]({files_dir}/tradeoff.png)", ""]
+    out += _md_provenance(report)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _md_provenance(report: Report) -> list[str]:
+    info, differing = provenance(report)
+    out = ["## Configs and fingerprints", ""]
+    if report.experiment is not None:
+        out += ["Experiment config:", "", "```yaml", _yaml(report.experiment.get("config") or {}), "```", ""]
+        if info["fingerprints"]:
+            out += _md_table(["input", "fingerprint"], [[k, f"`{v}`"] for k, v in info["fingerprints"].items()])
+            out += [""]
+        methods = [m for m in report.experiment.get("methods") or [] if isinstance(m, dict)]
+        if methods:
+            out += _md_table(["method", "kind", "config file", "adapter"],
+                             [[m.get("name", "?"), m.get("kind", "-"), m.get("config_file") or "-",
+                               m.get("adapter") or "-"] for m in methods]) + [""]
+    out += ["Evaluation settings shared by every evaluation:", "", "```yaml", _yaml(info["shared"]), "```", ""]
+    for method, split, text in differing:
+        out += [f"<details><summary>{html.escape(method)} / {html.escape(split)}: other settings</summary>", "",
+                "```yaml", text, "```", "", "</details>", ""]
+    out += ["Result files:", ""]
+    out += _md_table(["method", "split", "metrics.json", "sha256"],
+                     [[e.method, e.split, str(e.path), f"`{e.sha256}`"] for e in report.evaluations])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f; max-width: 1150px;
+       margin: 2rem auto; padding: 0 1.2rem; line-height: 1.45; }
+h1 { font-size: 1.6rem; border-bottom: 2px solid #ddd; padding-bottom: .3rem; }
+h2 { font-size: 1.25rem; margin-top: 2.2rem; border-bottom: 1px solid #eee; padding-bottom: .2rem; }
+p.caption { color: #555; font-style: italic; margin-top: 0; }
+table { border-collapse: collapse; margin: .6rem 0 1rem; font-size: .85rem; }
+th, td { border: 1px solid #ddd; padding: .3rem .55rem; text-align: right; white-space: nowrap; }
+th { background: #f5f5f7; }
+td:first-child, th:first-child { text-align: left; }
+td.best { font-weight: 700; background: #eef6ee; }
+span.ci { color: #666; font-size: .75rem; }
+.scroll { overflow-x: auto; }
+img { max-width: 100%; height: auto; display: block; margin: .5rem 0 1rem; }
+pre { background: #f7f7f9; border: 1px solid #e5e5e5; padding: .6rem; overflow-x: auto; font-size: .8rem; }
+code { font-size: .8rem; }
+details { margin: .4rem 0; }
+ul.notes li { margin-bottom: .3rem; }
+"""
+
+
+def _h(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _html_table(header: list[str], rows: list[list[str]], bold: dict[tuple[int, int], bool] | None = None,
+                code_columns: Iterable[int] = ()) -> str:
+    bold, code_columns = bold or {}, set(code_columns)
+    head = "".join(f"<th>{_h(c)}</th>" for c in header)
+    body = []
+    for r, row in enumerate(rows):
+        cells = []
+        for k, c in enumerate(row):
+            text = f"<code>{_h(c)}</code>" if k in code_columns else _h(c)
+            if re.fullmatch(r"-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]", c):  # the CI on a line of its own
+                value, ci = c.split(" ", 1)
+                text = f'{_h(value)}<br><span class="ci">{_h(ci)}</span>'
+            cells.append(f'<td class="best">{text}</td>' if bold.get((r, k)) else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{_h(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def render_html(report: Report, plots: dict[str, bytes]) -> str:
+    out = [f"<h1>{_h(report.title)}</h1>", "<h2>How to read this</h2>", '<ul class="notes">']
+    out += [f"<li>{_h(note)}</li>" for note in reading_notes(report)] + ["</ul>"]
+    for split in report.splits:
+        evaluations = report.in_split(split)
+        header, rows, bold = results_table(evaluations)
+        out += [f"<h2>Split: {_h(split)}</h2>", f'<p class="caption">{_h(split_caption(split, evaluations))}</p>',
+                _html_table(header, rows, _bold_map(header, bold)),
+                _img(plots[plot_name(report, split)], f"Per-group accuracy, {split}")]
+        g_header, g_rows = group_table(evaluations)
+        out += ["<details><summary>Per-group accuracy [95% CI]</summary>", _html_table(g_header, g_rows),
+                "</details>"]
+    out += ["<h2>Trade-off: accuracy vs. consistency vs. personalization</h2>",
+            '<p class="caption">One point per method; whiskers are 95% CIs, colour is mean personalization.</p>',
+            _img(plots["tradeoff.png"], "Trade-off: accuracy vs. consistency vs. personalization")]
+    info, differing = provenance(report)
+    out.append("<h2>Configs and fingerprints</h2>")
+    if report.experiment is not None:
+        out += ["<p>Experiment config:</p>", f"<pre>{_h(_yaml(report.experiment.get('config') or {}))}</pre>"]
+        if info["fingerprints"]:
+            out.append(_html_table(["input", "fingerprint"], [[k, v] for k, v in info["fingerprints"].items()],
+                                   code_columns=[1]))
+        methods = [m for m in report.experiment.get("methods") or [] if isinstance(m, dict)]
+        if methods:
+            out.append(_html_table(["method", "kind", "config file", "adapter"],
+                                   [[m.get("name", "?"), m.get("kind", "-"), m.get("config_file") or "-",
+                                     m.get("adapter") or "-"] for m in methods]))
+    out += ["<p>Evaluation settings shared by every evaluation:</p>", f"<pre>{_h(_yaml(info['shared']))}</pre>"]
+    for method, split, text in differing:
+        out.append(f"<details><summary>{_h(method)} / {_h(split)}: other settings</summary><pre>{_h(text)}</pre>"
+                   "</details>")
+    out += ["<p>Result files:</p>",
+            _html_table(["method", "split", "metrics.json", "sha256"],
+                        [[e.method, e.split, str(e.path), e.sha256] for e in report.evaluations], code_columns=[3])]
+    body = "\n".join(out)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_h(report.title)}</title>\n'
+            f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: Report, output: str | Path) -> tuple[Path, Path]:
+    """Render everything in memory, then write ``report.md``, ``report_files/*.png`` and ``report.html``."""
+    output = Path(output)
+    plots = render_plots(report)
+    markdown = render_markdown(report).encode("utf-8")
+    page = render_html(report, plots).encode("utf-8")
+    files = output / FILES_DIR
+    try:
+        files.mkdir(parents=True, exist_ok=True)
+        for name, png in plots.items():
+            _write_atomic(files / name, png)
+        for stale in files.glob("groups_*.png"):  # charts of splits an earlier report had
+            if stale.name not in plots:
+                stale.unlink()
+        _write_atomic(output / "report.md", markdown)
+        _write_atomic(output / "report.html", page)
+    except OSError as err:
+        raise TriAlignError(f"output {output}: not writable ({err.strerror or err})")
+    return output / "report.md", output / "report.html"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trialign report",
+        description="Markdown + self-contained HTML report (tables with 95% CIs, per-group charts, trade-off plot).",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--experiment", metavar="RUN_DIR",
+                        help="experiment run folder holding experiment.json (output defaults to this folder)")
+    source.add_argument("--results", metavar="DIR", nargs="+",
+                        help="evaluate output folders (each with metrics.json)")
+    parser.add_argument("--output", metavar="DIR", help="folder for report.md, report.html and report_files/")
+    parser.add_argument("--title", help="report title")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(list(argv))
+    if args.experiment:
+        report = from_experiment(args.experiment, args.title)
+        output = args.output or args.experiment
+    else:
+        require(bool(args.output), "output: --output DIR is required with --results")
+        report = from_results(args.results, args.title)
+        output = args.output
+    markdown, page = write_report(report, output)
+    print(f"wrote {markdown}, {page} and {Path(output) / FILES_DIR}/ "
+          f"({len(report.evaluations)} evaluations, {len(report.splits)} splits)")
+    return 0
