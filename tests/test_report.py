@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from trialign.cli import main as cli_main
-from trialign.evaluate import AuditRecords, EvaluateConfig, add_group_means, summarize, write_json_atomic
+from trialign.evaluate import AuditRecords, EvaluateConfig, add_group_means, summarize
+from trialign.fileio import write_json_atomic
 from trialign.report import COLUMNS, format_cell
 
 TRAIN_GROUPS = ["neutral", "teenager", "phd_researcher", "retired_farmer"]

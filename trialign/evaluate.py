@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm
 from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer
 from trialign.config_io import build_dataclass, parse_override, read_yaml_mapping
 from trialign.errors import TriAlignError, require
+from trialign.fileio import write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -159,39 +158,6 @@ def _prepare_output(config: EvaluateConfig) -> Path:
     except OSError as err:
         raise TriAlignError(f"output {out}: not writable ({err.strerror or err})")
     return out
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=_json_default) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 @dataclass

@@ -25,9 +25,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,6 +33,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from trialign.errors import TriAlignError, require
+from trialign.fileio import write_bytes_atomic
 
 # (metrics.json name, column header, direction: +1 higher is better, -1 lower is better).
 COLUMNS = [
@@ -559,22 +558,6 @@ def render_html(report: Report, plots: dict[str, bytes]) -> str:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: Report, output: str | Path) -> tuple[Path, Path]:
     """Render everything in memory, then write ``report.md``, ``report_files/*.png`` and ``report.html``."""
     output = Path(output)
@@ -585,12 +568,12 @@ def write_report(report: Report, output: str | Path) -> tuple[Path, Path]:
     try:
         files.mkdir(parents=True, exist_ok=True)
         for name, png in plots.items():
-            _write_atomic(files / name, png)
+            write_bytes_atomic(files / name, png)
         for stale in files.glob("groups_*.png"):  # charts of splits an earlier report had
             if stale.name not in plots:
                 stale.unlink()
-        _write_atomic(output / "report.md", markdown)
-        _write_atomic(output / "report.html", page)
+        write_bytes_atomic(output / "report.md", markdown)
+        write_bytes_atomic(output / "report.html", page)
     except OSError as err:
         raise TriAlignError(f"output {output}: not writable ({err.strerror or err})")
     return output / "report.md", output / "report.html"

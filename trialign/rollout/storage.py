@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from trialign.errors import TriAlignError
+from trialign.fileio import write_json_atomic
 
 try:  # POSIX only; elsewhere concurrent writers to one folder are not supported (single processes are fine).
     import fcntl
@@ -88,7 +89,7 @@ class DatasetFolder:
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest = dict(manifest, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        _atomic_write(self.manifest_path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+        write_json_atomic(self.manifest_path, manifest)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -136,16 +137,3 @@ class DatasetFolder:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
