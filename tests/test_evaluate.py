@@ -60,6 +60,42 @@ def test_generate_mode_scores_preferences_on_the_response(tmp_path, tiny_model_d
     assert all(0.0 <= r["personalization"] <= 1.0 for r in rows)
 
 
+def test_pref_aligner_rewrites_one_persona_free_draft_per_item(tmp_path, tiny_model_dir, monkeypatch):
+    # Record every generation request: pass 1 must be persona-free (one per item), pass 2 one rewrite per persona.
+    import trialign.generation as generation
+
+    calls: list[list[str]] = []
+    real = generation.generate_texts
+
+    def recording(model, tokenizer, prompts, **kwargs):
+        calls.append(list(prompts))
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_texts", recording)
+    out = tmp_path / "pa"
+    config = EvaluateConfig(model=tiny_model_dir, task="truthfulqa_mc1", limit=2, offset=3,
+                            group_ids=["neutral", "teenager", "elderly_widow"], mode="generate",
+                            pipeline="pref_aligner", max_new_tokens=6, bootstrap=0, output=str(out))
+    document = evaluate(config, progress=False)
+    drafts, rewrites = calls
+    assert len(drafts) == 2 and len(rewrites) == 2 * 2  # the reference group keeps the draft
+    assert not any("I am" in p or "I'm" in p for p in drafts)  # no persona in pass 1
+    assert all("Draft answer:" in p and "Keep every fact and the final answer" in p for p in rewrites)
+    rows = [json.loads(line) for line in (out / "per_item.jsonl").read_text().splitlines()]
+    neutral = [r for r in rows if r["group"] == "neutral"]
+    assert all(r["response"] == r["draft"] for r in neutral)
+    assert {r["draft"] for r in rows} == set(drafts_text := {r["draft"] for r in neutral}) and len(drafts_text) <= 2
+    # offset=3: items 4 and 5 of the task's stable order.
+    from trialign.tasks import load_task
+    assert [r["item_id"] for r in neutral] == [item.id for item in load_task("truthfulqa_mc1", limit=5)[3:]]
+    assert document["label"].endswith("pref_aligner")
+
+
+def test_pref_aligner_needs_generate_mode():
+    with pytest.raises(Exception, match="pref_aligner writes a response"):
+        EvaluateConfig(pipeline="pref_aligner", mode="probe")
+
+
 def test_existing_results_are_not_replaced_without_overwrite(tmp_path, capsys):
     out = tmp_path / "audit"
     out.mkdir()

@@ -42,6 +42,7 @@ from trialign.fileio import write_json_atomic, write_jsonl_atomic
 log = logging.getLogger(__name__)
 
 MODES = ("probe", "generate")
+PIPELINES = ("direct", "pref_aligner")
 
 
 @dataclass
@@ -59,7 +60,9 @@ class EvaluateConfig:
     task_source: str = "local"
     """Where benchmark data comes from: `local` (copies shipped with trialign) or `hub`."""
     limit: int | None = 100
-    """Number of items (the first N in file order); null for all."""
+    """Number of items (the first N in the task's stable order, after `offset`); null for all."""
+    offset: int = 0
+    """Items skipped before the first one evaluated (e.g. those a rollout used for training)."""
     groups: str = "default"
     """Group file: a YAML path or a bundled name (`default`, `heldout`)."""
     group_ids: list[str] | None = None
@@ -70,6 +73,9 @@ class EvaluateConfig:
     """How the persona is expressed: `explicit` self-description or `implicit` cues."""
     system_prompt: str = "none"
     """`none`, `same_answer` (the training-free "same answer for everyone" baseline), or a literal prompt."""
+    pipeline: str = "direct"
+    """`direct` (answer under the persona) or `pref_aligner` (Okite et al. 2025: a persona-free draft, then a second
+    pass rewrites it in the group's style keeping the answer; needs `mode: generate`)."""
     batch_size: int = 32
     """Contexts per probe batch (all options of a context are scored together)."""
     max_new_tokens: int = 96
@@ -95,7 +101,11 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         require(self.limit is None or self.limit > 0, f"limit: expected a positive integer, got {self.limit}")
+        require(self.offset >= 0, f"offset: expected a non-negative integer, got {self.offset}")
         require(self.mode in MODES, f"mode: expected one of {', '.join(MODES)}, got '{self.mode}'")
+        require(self.pipeline in PIPELINES, f"pipeline: expected one of {', '.join(PIPELINES)}, got '{self.pipeline}'")
+        require(self.pipeline != "pref_aligner" or self.mode == "generate",
+                "pipeline: pref_aligner writes a response and rewrites it, so it needs mode 'generate'")
         require(self.expression in ("explicit", "implicit"),
                 f"expression: expected 'explicit' or 'implicit', got '{self.expression}'")
         require(self.batch_size > 0, f"batch_size: expected a positive integer, got {self.batch_size}")
@@ -192,17 +202,35 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     from trialign.generation import generate_texts
     from trialign.preferences import preference_score
     from trialign.probe import AnswerProbe, render_context
-    from trialign.prompts import build_messages
+    from trialign.groups import Group
+    from trialign.prompts import build_messages, build_rewrite_messages
 
     system_prompt = _system_prompt(config.system_prompt)
     pairs = [(item, group) for item in items for group in groups]
     messages = [build_messages(item, group, expression=config.expression, system_prompt=system_prompt)
                 for item, group in pairs]
     responses: list[str | None] = [None] * len(pairs)
-    if config.mode == "generate":
-        prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-        responses = list(generate_texts(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                                        batch_size=config.batch_size, autocast=config.autocast, progress=progress))
+
+    def generate(chats: list[list[dict[str, str]]]) -> list[str]:
+        prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chats]
+        return list(generate_texts(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                                   batch_size=config.batch_size, autocast=config.autocast, progress=progress))
+
+    drafts: dict[str, str] = {}
+    if config.pipeline == "pref_aligner":
+        # Pass 1: one persona-free draft per item (the reference group's prompt); pass 2: each persona rewrites it.
+        neutral = Group(id="draft", name="persona-free draft", reference=True)
+        drafts = dict(zip([item.id for item in items],
+                          generate([build_messages(item, neutral, system_prompt=system_prompt) for item in items])))
+        rewrite = [k for k, (_, group) in enumerate(pairs) if not group.reference]
+        rewritten = generate([build_rewrite_messages(pairs[k][0], pairs[k][1], drafts[pairs[k][0].id],
+                                                     expression=config.expression, system_prompt=system_prompt)
+                              for k in rewrite])
+        responses = [drafts[item.id] for item, _ in pairs]
+        for k, text in zip(rewrite, rewritten):
+            responses[k] = text
+    elif config.mode == "generate":
+        responses = list(generate(messages))
     contexts = [render_context(tokenizer, m, response=r) for m, r in zip(messages, responses)]
     probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size)
     n, g = len(items), len(groups)
@@ -230,6 +258,7 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
             "gold": item.gold, "personalization": float(pers[k // g, k % g]) if response is not None else None,
             "option_logprobs": [round(x, 4) for x in result.option_logprobs],
             "response": response,
+            **({"draft": drafts[item.id]} if drafts else {}),
         })
     reference = next((grp.id for grp in groups if grp.reference), None)
     return AuditRecords(
@@ -316,9 +345,9 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     from trialign.tasks import load_task
 
     out = _prepare_output(config)
-    items = load_task(config.task, limit=config.limit, seed=config.seed, source=config.task_source,
-                      path=config.task_path)
-    require(len(items) > 0, f"task {config.task}: no items loaded")
+    items = load_task(config.task, limit=None if config.limit is None else config.offset + config.limit,
+                      seed=config.seed, source=config.task_source, path=config.task_path)[config.offset:]
+    require(len(items) > 0, f"offset: task {config.task} has no items after the first {config.offset}")
     groups = load_groups(config.groups)
     if config.group_ids:
         groups = select_groups(groups, config.group_ids)
@@ -333,7 +362,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     metrics = summarize(records, config.bootstrap, config.seed)
     add_group_means(metrics, records, config.bootstrap, config.seed)
-    label = config.label or (config.model + ("" if config.system_prompt == "none" else f" + {config.system_prompt}"))
+    label = config.label or (config.model + ("" if config.system_prompt == "none" else f" + {config.system_prompt}")
+                             + ("" if config.pipeline == "direct" else f" + {config.pipeline}"))
     document = {
         "label": label,
         "config": dataclasses.asdict(config),

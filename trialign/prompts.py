@@ -33,6 +33,30 @@ SAME_ANSWER_SYSTEM_PROMPT = (
 """System prompt of the training-free "same answer for everyone" baseline."""
 
 
+PREF_ALIGNER_INSTRUCTION = (
+    "Below is a question and a draft answer written for a general audience. Rewrite the draft for me, in the style "
+    "I prefer. Keep every fact and the final answer exactly as they are in the draft; change only wording, length, "
+    "format, tone and examples."
+)
+"""Second pass of the Pref-Aligner baseline (Okite et al. 2025): personalize a persona-free draft, keep its answer."""
+
+
+def build_rewrite_messages(
+    item: Item, group: Group, draft: str, *, expression: str = "explicit", system_prompt: str | None = None
+) -> list[dict[str, str]]:
+    """Pref-Aligner's rewrite request: the group's persona and preferences, the instruction, the item, the draft."""
+    parts = []
+    if not group.reference:
+        parts.append(group.persona(expression).strip())
+        if group.preferences:
+            parts.append(preference_instructions(group))
+    parts.append(PREF_ALIGNER_INSTRUCTION)
+    parts.append("Question:\n" + format_item(item))
+    parts.append("Draft answer:\n" + draft.strip())
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": "\n\n".join(parts)}]
+
+
 def format_item(item: Item) -> str:
     """The item as shown to the model without any persona: context, question, and ``- option`` lines."""
     parts = []
