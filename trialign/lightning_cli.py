@@ -19,19 +19,38 @@ exported to ``<trainer.default_root_dir>/adapter`` unless ``--model.adapter_dir`
 audit metrics (``val/consistency``, ...) are in TensorBoard next to the trained ones (Lightning's own sanity check
 logs nothing and is off by default), and validates the final weights after training (``--validate_after_fit``)
 unless the last step was just validated.
+
+Preemption and bad input. Checkpoints go through `trialign.checkpoints.SafeCheckpointIO`: written atomically,
+CRC-checked and loaded with ``weights_only=True``. A job killed at any point (SIGKILL included) and rerun with
+``--ckpt_path last`` continues from the last step's checkpoint and ends with the weights and validation metrics of an
+uninterrupted run (CPU; tests/test_fit_resume.py). Before anything is written the CLI checks the output folders
+(``trainer.default_root_dir``, ``checkpoint.dirpath``, ``model.adapter_dir`` must be folders or creatable), the model
+source, and the checkpoint to resume (``--ckpt_path``, ``last`` resolved as Lightning does): a bad one is a one-line
+error naming it. A loss term or gradient that turns NaN/Inf stops training before the optimizer step, naming the step
+and the term; the last checkpoint on disk stays the last good one (`TriAlignModule` "divergence guard").
+
+Determinism. With the same config and seed, two CPU runs give bit-identical adapters, value heads and validation
+metrics (``--trainer.deterministic true`` is accepted; on CPU the kernels used are deterministic either way), also
+across a kill and resume. On GPUs this is not guaranteed: cuBLAS and atomic-add kernels (scatter/index_add in the
+loss, attention backward) may sum in a different order from run to run, and ``deterministic: true`` only helps where
+PyTorch has a deterministic kernel (it raises where it has none; set ``CUBLAS_WORKSPACE_CONFIG=:4096:8``). bf16/fp16
+runs also round differently on different GPU models. Expect results equal up to floating-point noise there, not bits.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from argparse import ArgumentError
+from pathlib import Path
 from typing import Sequence
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from trialign.checkpoints import find_last_checkpoint, load_checkpoint, use_safe_checkpoint_io
 from trialign.datamodules.trajectories import GroupTrajectoryDataModule
 from trialign.errors import TriAlignError
 from trialign.modules.trialign_module import TriAlignModule
@@ -75,6 +94,41 @@ class TriAlignCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if config.model.adapter_dir is None:
             config.model.adapter_dir = os.path.join(root, "adapter")
+        # Checked before anything is built or written: a run that fails later would leave a half-made log folder.
+        for field, value in (("trainer.default_root_dir", root), ("checkpoint.dirpath", config.checkpoint.dirpath),
+                             ("model.adapter_dir", config.model.adapter_dir)):
+            _require_folder(field, value)
+        from trialign.backbone import resolve_model_source
+
+        resolve_model_source(config.model.model)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_safe_checkpoint_io(trainer)
+        return trainer
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        self._check_ckpt_path()
+
+    def _check_ckpt_path(self) -> None:
+        """Verify the checkpoint to resume or evaluate right after parsing: LightningCLI reads its hyper-parameters
+        next, and the trainer would write logs before loading it."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path in (None, "best", "hpc") or (isinstance(ckpt_path, str) and "://" in ckpt_path):
+            return
+        if ckpt_path == "last":
+            folder = config.checkpoint.dirpath or os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
+            last = find_last_checkpoint(folder)
+            # None: Lightning warns and starts from scratch, so a job's rerun command can always say `last`.
+            if last is not None:
+                load_checkpoint(last, mmap=True)
+            return
+        load_checkpoint(ckpt_path, mmap=True)
 
     def before_fit(self) -> None:
         config = self.config[self.subcommand]
@@ -85,6 +139,18 @@ class TriAlignCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.get("validate_after_fit", True) and self.model.last_validated_step != self.trainer.global_step:
             self.trainer.validate(self.model, datamodule=self.datamodule)
+
+
+def _require_folder(field: str, value: str | os.PathLike) -> None:
+    """`value` must be a folder or a path where one can be created (no file in the way)."""
+    path = Path(value).expanduser()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "" if existing == path else f" ({existing} is a file)"
+                raise TriAlignError(f"{field} '{value}': expected a folder (or a path where one can be created), but "
+                                    f"it is a file{where}")
+            return
 
 
 def make_cli(args: Sequence[str], run: bool = True, cli_class: type[TriAlignCLI] = TriAlignCLI) -> TriAlignCLI:
@@ -113,8 +179,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_cli(argv)
     except ArgumentError as err:
         # jsonargparse's report (e.g. an unknown class_path, with what it tried) in one line, without the usage.
-        raise TriAlignError(f"{argv[0]}: {err} (run `python -m trialign {argv[0]} --help` for the options)") from None
+        raise TriAlignError(f"{argv[0]}: {_component_file_error(argv, str(err)) or err} (run `python -m trialign "
+                            f"{argv[0]} --help` for the options)") from None
     except SystemExit as exit_:  # --help, --print_config
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     return 0
+
+
+class _Parsed(Exception):
+    """Raised by `_ParseOnly` once the arguments parsed."""
+
+
+class _ParseOnly(TriAlignCLI):
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed
+
+
+_FILE_LOOP = re.compile(r'Parser key "([^"]+)": Config file loop detected: (.+?) -> \2$')
+
+
+def _component_file_error(argv: list[str], message: str) -> str | None:
+    """The real problem behind jsonargparse's "Config file loop detected: F -> F".
+
+    When a component file given on the command line (``--model.aggregator my.yaml``) has a bad ``init_args`` entry,
+    jsonargparse retries the file while it is still being read and reports that retry as a loop, hiding the cause.
+    Parsing again with the file's content inline gives the real message (e.g. "Option 'epsilon' is not accepted")."""
+    found = _FILE_LOOP.search(" ".join(message.split()))
+    if not found:
+        return None
+    key, path = found.groups()
+    flag = f"--{key}"
+    for i, arg in enumerate(argv[:-1]):
+        if arg == flag and Path(argv[i + 1]).expanduser().resolve() == Path(path).resolve():
+            try:
+                inline = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                return None
+            try:
+                make_cli([*argv[:i + 1], inline, *argv[i + 2:]], cli_class=_ParseOnly)
+            except ArgumentError as err:
+                reason = re.sub(r"^.*? either not accessible or invalid - ", "", " ".join(str(err).split()))
+                return f"{key} from component file {path}: {reason}"
+            except (_Parsed, SystemExit):
+                return None
+    return f"{key}: component file {path} does not fit (check its class_path and init_args)"
