@@ -41,6 +41,13 @@ every checkpoint and the end of training export `adapter_dir` (default `<log_dir
 FSDP (`state_dict_type: full`) is the gathered one; at the end of an FSDP run the live shards are not exported.
 Resuming with `ckpt_path` is exact at epoch boundaries; mid-epoch it restarts the epoch's data unless the data
 loader is stateful (Lightning's rule).
+
+Divergence guard: every training step checks each loss term (per-group policy and value losses, utilities,
+aggregation weights, penalty, KL, total) and, after the backward pass, every gradient. A non-finite one raises a
+`TriAlignError` naming the global step and the term (or parameter) before the optimizer step, so the weights are not
+updated and no checkpoint of the failing step is written: the last checkpoint on disk is the last good one. Under
+DDP/FSDP the ranks agree first (one boolean all-reduce per step), so every rank stops, not just the one that saw it.
+The gradient check is skipped with a float16 GradScaler, which expects the occasional Inf and skips those steps itself.
 """
 
 from __future__ import annotations
@@ -156,6 +163,12 @@ class TriAlignModule(LightningModule):
         if not under_cli:
             self.hparams["lora"] = asdict(lora)
         self.group_names = list(check_group_names(group_names))
+        from trialign.groups import GROUP_ID_RULE, is_valid_group_id
+
+        bad_names = [g for g in self.group_names if not is_valid_group_id(g)]
+        if bad_names:
+            raise TriAlignError(f"model.group_names: group id {bad_names[0]!r} must be {GROUP_ID_RULE} (group ids name "
+                                "per-group adapter folders)")
         for name, component, base in (("value", value, ValueEstimator), ("objective", objective, PolicyObjective),
                                       ("aggregator", aggregator, Aggregator),
                                       ("penalty", penalty, InconsistencyPenalty)):
@@ -394,19 +407,61 @@ class TriAlignModule(LightningModule):
     def _check_finite(self, parts: dict[str, Tensor]) -> None:
         """Divergence guard: a non-finite term stops training with a message naming the step and the term."""
         present = parts["present"]
-        for name in ("value_loss", "policy_loss", "utility", "penalty", "kl", "loss"):
+        problem = None
+        for name in ("value_loss", "policy_loss", "utility", "weight", "penalty", "kl", "loss"):
             value = parts[name].detach()
-            if value.dim() == 1 and name != "utility":
+            per_group = value.dim() == 1
+            if per_group and name not in ("utility", "weight"):
                 value = value[present]
             bad = ~torch.isfinite(value)
             if bool(bad.any()):
                 where = ""
-                if parts[name].dim() == 1:
+                if per_group:
                     groups = [self.group_names[i] for i in present.nonzero().squeeze(1).tolist()] \
-                        if name != "utility" else self.group_names
+                        if name not in ("utility", "weight") else self.group_names
                     where = f" for group(s) {[g for g, b in zip(groups, bad.tolist()) if b]}"
-                raise TriAlignError(f"training step {self.global_step}: {name}{where} is not finite "
-                                    f"({value.tolist()}); check the data's rewards/returns or lower the learning rate")
+                problem = f"{name}{where} is not finite ({value.tolist()})"
+                break
+        self._stop_if_diverged(problem, "a loss term", "check the data's rewards/returns and any custom component, or "
+                                                       "lower the learning rate")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divergence guard on the gradients: a finite loss can still have a NaN/Inf gradient (e.g. a component with
+        a sqrt or log at 0); stepping on it would write NaN weights into the next checkpoint."""
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # float16 AMP: the GradScaler skips steps with Inf gradients and lowers its scale
+        named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        problem = None
+        if named:
+            finite = torch.stack([torch.isfinite(grad).all() for _, grad in named])
+            if not bool(finite.all()):
+                name = named[int((~finite).nonzero()[0])][0]
+                problem = f"the gradient of {name} is not finite (the loss was finite)"
+        self._stop_if_diverged(problem, "a gradient", "check custom components for a sqrt/log/division at 0 or "
+                                                      "lower the learning rate")
+
+    def _stop_if_diverged(self, problem: str | None, kind: str, hint: str) -> None:
+        """Raise a `TriAlignError` for `problem` (None: nothing wrong here); under several ranks, all of them raise
+        when any one has a problem, so none is left waiting in a collective."""
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            anywhere = trainer.strategy.reduce_boolean_decision(problem is not None, all=False)
+            if anywhere and problem is None:
+                problem = f"{kind} is not finite on another rank"
+        if problem is None:
+            return
+        raise TriAlignError(f"training step {self.global_step}: {problem}; training stopped before the optimizer "
+                            f"step{self._kept_checkpoint()}; {hint}")
+
+    def _kept_checkpoint(self) -> str:
+        trainer = self._trainer
+        if trainer is None:
+            return ""
+        path = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        if path and os.path.isfile(path):
+            return f", the last checkpoint {path} is from before it"
+        return ", no checkpoint of this run was written yet"
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, parts = self.compute_loss(batch)
@@ -488,8 +543,9 @@ class TriAlignModule(LightningModule):
 
     def _frozen_keys(self) -> set[str]:
         prefix = "policy.model."
-        return {f"{prefix}{name}" for name, p in self.policy.model.named_parameters() if not p.requires_grad} \
-            if self.policy.built else set()
+        # remove_duplicate=False: a tied output head (lm_head = embed_tokens) is frozen too and must not be saved.
+        return {f"{prefix}{name}" for name, p in self.policy.model.named_parameters(remove_duplicate=False)
+                if not p.requires_grad} if self.policy.built else set()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self._frozen_keys()
@@ -539,6 +595,9 @@ class TriAlignModule(LightningModule):
             adapter_state = {k[len("policy.model."):]: v for k, v in state_dict.items() if k.startswith("policy.model.")}
             head_state = {k[len("value_heads."):]: v for k, v in state_dict.items() if k.startswith("value_heads.")}
         target = Path(directory) if directory is not None else self.export_directory()
+        if target.exists() and not target.is_dir():
+            raise TriAlignError(f"model.adapter_dir '{target}': expected a folder for the exported adapters, but it is "
+                                "a file (it is not replaced)")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
