@@ -38,6 +38,15 @@ PERSONA_FIELDS = ("explicit", "implicit")
 OPTIONAL_FIELDS = ("attributes", "explicit", "implicit", "preferences", "reference", "challenge_style")
 
 
+GROUP_ID_RULE = "non-empty letters, digits, '_' or '-'"
+
+
+def is_valid_group_id(text: Any) -> bool:
+    """Whether `text` is a valid group id (`GROUP_ID_RULE`). Group ids name folders (per-group adapters) and metric
+    keys, so one can hold no path separator, '.' or space, whichever file it was read from."""
+    return isinstance(text, str) and text.replace("_", "").replace("-", "").isalnum()
+
+
 @dataclass(frozen=True)
 class Group:
     """A social group: one agent, with its persona texts and verifiable preferences."""
@@ -65,8 +74,8 @@ class Group:
         for name in ("id", "name", "explicit", "implicit", "challenge_style"):
             if not isinstance(getattr(self, name), str):
                 raise TriAlignError(f"group '{self.id}': field '{name}' must be text, got {getattr(self, name)!r}")
-        if not self.id.strip() or not self.id.replace("_", "").replace("-", "").isalnum():
-            raise TriAlignError(f"group id '{self.id}' must be non-empty letters, digits, '_' or '-'")
+        if not is_valid_group_id(self.id):
+            raise TriAlignError(f"group id '{self.id}' must be {GROUP_ID_RULE}")
         if not isinstance(self.reference, bool):
             raise TriAlignError(f"group '{self.id}': field 'reference' must be true or false, got {self.reference!r}")
         object.__setattr__(self, "preferences", tuple(self.preferences))

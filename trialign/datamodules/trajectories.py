@@ -5,8 +5,10 @@ DESIGN.md "Data": the rollout writes Parquet shards with one row per item holdin
 
 * **Checks first.** `scan_rollout` reads each file's schema and a few small columns (item ids, group ids and the
   reward/return/behavior-log-prob leaves) before any training, and raises a one-line `TriAlignError` naming the
-  folder or file for: no Parquet files or no rows, missing columns (all named, nested ones as
-  ``groups.episodes.turns.ret``), wrong column types, duplicate item ids, a bad manifest, rows whose group set
+  folder or file for: no Parquet files or no rows, a file that is not readable Parquet (truncated, not Parquet),
+  missing columns (all named, nested ones as ``groups.episodes.turns.ret``), wrong column types, duplicate item ids,
+  group ids that are not plain names (they name folders later, so a path in the data cannot escape the run folder),
+  a bad manifest, rows whose group set
   differs from the manifest's (or from the first row's when there is no manifest), groups the config does not know
   or configured groups the data lacks, a K (samples per group) that differs across groups or items, episodes
   without turns, and option items without valid options. T may differ between episodes: the collator pads turns
@@ -145,6 +147,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     ids = manifest.get("group_ids")
     if not isinstance(ids, list) or not ids or not all(isinstance(g, str) and g for g in ids):
         raise TriAlignError(f"{path}: group_ids must be a non-empty list of group id strings, got {ids!r}")
+    _check_group_ids(ids, f"{path} group_ids")
     if len(set(ids)) != len(ids):
         raise TriAlignError(f"{path}: group_ids has duplicates: {ids}")
     return manifest
@@ -185,11 +188,21 @@ def _scan_file(path: Path) -> _FileScan:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    check_file_schema(path, parquet.schema_arrow)
-    turn_leaves = {f"groups.episodes.turns.{name}" for name in NONFINITE_SKIP_FIELDS}
-    wanted = {"item_id", "answer_type", "options", "gold_index", "gold_text", "groups.group"} | turn_leaves
-    table = parquet.read(columns=_leaf_columns(parquet, wanted))
+    import pyarrow as pa
+
+    try:
+        parquet = pq.ParquetFile(path)
+        check_file_schema(path, parquet.schema_arrow)
+        turn_leaves = {f"groups.episodes.turns.{name}" for name in NONFINITE_SKIP_FIELDS}
+        wanted = {"item_id", "answer_type", "options", "gold_index", "gold_text", "groups.group"} | turn_leaves
+        table = parquet.read(columns=_leaf_columns(parquet, wanted))
+    except (pa.ArrowException, OSError) as err:
+        # A shard cut short (a copy interrupted, a full disk) or not Parquet at all; the rollout itself writes
+        # shards atomically, so rerunning it regenerates exactly the missing ones once this file is removed.
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TriAlignError(f"rollout file {path}: not a readable Parquet file ({reason}); expected a complete shard "
+                            "written by `python -m trialign rollout` (delete it and rerun the rollout to regenerate "
+                            "it)") from None
     num_rows = table.num_rows
 
     def offsets_split(values: list[Any], parents: np.ndarray, count: int) -> list[list[Any]]:
@@ -285,6 +298,7 @@ def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> R
                 raise TriAlignError(f"{where}: has no groups")
             if reference is None:
                 reference = list(row_groups)
+                _check_group_ids(reference, f"{where}: groups.group")
             if len(set(row_groups)) != len(row_groups) or set(row_groups) != set(reference):
                 missing = sorted(set(reference) - set(row_groups))
                 unexpected = sorted(set(row_groups) - set(reference))
@@ -317,6 +331,16 @@ def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> R
         raise TriAlignError(f"data.data_dir '{data_dir}': every item has a NaN/Inf reward, return or behavior "
                             "log-prob; nothing left to train on")
     return RolloutIndex(str(data_dir), [str(p) for p in files], reference, item_ids, skipped, samples, max_turns)
+
+
+def _check_group_ids(ids: Sequence[Any], where: str) -> None:
+    """Group ids read from data name folders later (per-group adapters): refuse any that could leave them."""
+    from trialign.groups import GROUP_ID_RULE, is_valid_group_id
+
+    bad = [g for g in ids if not is_valid_group_id(g)]
+    if bad:
+        raise TriAlignError(f"{where}: group id {bad[0]!r} must be {GROUP_ID_RULE} (group ids name folders, so "
+                            "they cannot hold a path)")
 
 
 def _check_answer(where: str, scan: _FileScan, r: int) -> None:
