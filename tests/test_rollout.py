@@ -264,6 +264,21 @@ def test_rerun_resumes_missing_shards_only(dataset, tiny_model_dir, tmp_path):
         {k: v for k, v in before.items() if k != "manifest.json"}
 
 
+def test_same_seed_and_config_write_byte_identical_shards(dataset, tiny_model_dir, tmp_path):
+    """Determinism on CPU: a second run of the same command writes the same Parquet bytes (the manifest differs
+    only in its run fields: launch id and timestamps). GPU kernels (vLLM, cuBLAS) give no such promise."""
+    out = tmp_path / "again"
+    assert main(base_args(tiny_model_dir, out)) == 0
+    shards = sorted(p.name for p in dataset.glob("shard-*.parquet"))
+    assert len(shards) == 2 and sorted(p.name for p in out.glob("shard-*.parquet")) == shards
+    for name in shards:
+        assert (out / name).read_bytes() == (dataset / name).read_bytes(), name
+    first, second = (json.loads((folder / "manifest.json").read_text()) for folder in (dataset, out))
+    run_fields = {"launch_id", "created_at", "updated_at"}
+    assert {k: v for k, v in first.items() if k not in run_fields} == \
+        {k: v for k, v in second.items() if k not in run_fields}
+
+
 def test_torchrun_rank_sets_the_shard(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")

@@ -10,6 +10,11 @@ is generated from its own seed (derived from the config's seed and the shard ind
   with a one-line error naming what differs; ``--overwrite`` replaces it.
 
 Every check on the input (settings, task, groups, output folder) happens before the model is loaded.
+
+Determinism: on CPU the same command and seed write byte-identical Parquet shards (the manifest differs only in its
+launch id and timestamps), which is what makes a killed run's rerun equal an uninterrupted one. On a GPU, sampling
+runs on logits whose float sums depend on kernel choice and batch shape (cuBLAS, flash attention, vLLM's batching),
+so a different token can be drawn where two are nearly tied: GPU runs are reproducible in distribution, not in bytes.
 """
 
 from __future__ import annotations
