@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from trialign.errors import TriAlignError
+from trialign.fileio import sha256_file
 from trialign.tasks import TASK_NAMES, load_task
 from trialign.tasks import aime, bbq, datafiles, gsm8k, truthfulqa
 from trialign.tasks.datafiles import PINNED_SHA256, benchmark_file, data_dir
@@ -411,7 +412,7 @@ def test_hub_rows_convert_into_the_same_items(monkeypatch):
 def test_every_shipped_file_matches_its_pin_and_attribution():
     attribution = (SHIPPED / "ATTRIBUTION.md").read_text(encoding="utf-8")
     for relative, sha in PINNED_SHA256.items():
-        assert datafiles.file_sha256(benchmark_file(relative)) == sha
+        assert sha256_file(benchmark_file(relative)) == sha
         row = next(line for line in attribution.splitlines() if line.startswith(f"| {relative} |"))
         assert sha in row
     assert "none stated" in attribution and "MAA" in attribution

@@ -22,13 +22,14 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from trialign.errors import TriAlignError
+from trialign.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,6 @@ class ResolvedSource:
     """One of ``embedded``, ``gguf``, ``local``, ``hub``."""
     location: str
     """A local directory (embedded/gguf after conversion, local) or a hub id."""
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _embedded_gguf(alias: str) -> Path:
@@ -142,7 +135,7 @@ def resolve_model_source(source: str, cache_dir: str | os.PathLike | None = None
     if source.endswith(".gguf"):
         if not path.is_file():
             raise TriAlignError(f"model source '{source}': GGUF file not found")
-        target = cache / "models" / f"{path.stem}-{_sha256(path)[:12]}"
+        target = cache / "models" / f"{path.stem}-{sha256_file(path)[:12]}"
         if not (target / "config.json").is_file():
             _convert_gguf(path, target)
         return ResolvedSource(source, "gguf", str(target))
@@ -157,6 +150,24 @@ def resolve_model_source(source: str, cache_dir: str | os.PathLike | None = None
         f"model source '{source}' not found: tried the embedded aliases ({', '.join(EMBEDDED_MODELS)}), "
         f"a local directory, a .gguf file, and a hub id of the form org/name"
     )
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    # OSError: missing/unreadable files; ValueError: bad config.json, unknown model type, custom code refused;
+    # SafetensorError: a truncated or damaged weights file.
+    return OSError, ValueError, SafetensorError
+
+
+_LOAD_ERRORS = _load_errors()
+
+
+def _refuse_remote_code(source: str, err: BaseException) -> None:
+    if "trust_remote_code" in str(err):
+        raise TriAlignError(f"model source '{source}': the model needs custom Python code shipped with it "
+                            "(trust_remote_code); trialign does not run it unless you turn trust_remote_code on "
+                            "(rollout: --trust-remote-code) for a source you trust") from None
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -178,7 +189,8 @@ def load_tokenizer(source: str, *, cache_dir: str | os.PathLike | None = None, t
     resolved = resolve_model_source(source, cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except _LOAD_ERRORS as err:
+        _refuse_remote_code(source, err)
         raise TriAlignError(f"model source '{source}': tokenizer could not be loaded from {resolved.location} ({err})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -201,9 +213,12 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             resolved.location, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=None
         )
-    except OSError as err:
+    except _LOAD_ERRORS as err:
+        _refuse_remote_code(source, err)
         tried = "hub id (network or name)" if resolved.kind == "hub" else f"local directory {resolved.location}"
-        raise TriAlignError(f"model source '{source}' could not be loaded: tried {tried}: {str(err).splitlines()[0]}")
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TriAlignError(f"model source '{source}' could not be loaded: tried {tried}: {reason} (expected a "
+                            "Hugging Face model: config.json and complete safetensors weights)")
     model.eval()
     return model
 

@@ -9,6 +9,7 @@ file TriAlign writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -76,3 +77,12 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def write_jsonl_atomic(path: str | Path, rows: Iterable[Any]) -> None:
     """One strict JSON document per line, written atomically."""
     write_text_atomic(path, "".join(dumps_json(row, indent=None) + "\n" for row in rows))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

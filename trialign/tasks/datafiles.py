@@ -10,11 +10,11 @@ The folder can be replaced with ``$TRIALIGN_DATA_DIR`` (same layout; the files m
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from trialign.errors import TriAlignError
+from trialign.fileio import sha256_file
 
 DATA_DIR_ENV = "TRIALIGN_DATA_DIR"
 
@@ -48,14 +48,6 @@ def data_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "benchmarks"
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def benchmark_file(relative: str) -> Path:
     """Path of a shipped benchmark file, verified against its pinned sha256 the first time it is used."""
     if relative not in PINNED_SHA256:
@@ -70,7 +62,7 @@ def benchmark_file(relative: str) -> Path:
     key = str(path.resolve())
     if _verified.get(key) == (stat.st_size, stat.st_mtime_ns):
         return path
-    actual = file_sha256(path)
+    actual = sha256_file(path)
     expected = PINNED_SHA256[relative]
     if actual != expected:
         raise TriAlignError(
