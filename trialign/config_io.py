@@ -1,11 +1,13 @@
 """Small, strict YAML-to-dataclass loading for the non-Lightning commands (rollout, evaluate).
 
 YAML is read with `yaml.safe_load`; unknown keys and wrong types are one-line errors naming the file and field.
-Command-line flags override file values.
+Command-line flags override file values; `FlagParser` makes a bad flag a one-line error too (argparse would print
+its usage and exit).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
 from pathlib import Path
@@ -16,6 +18,14 @@ import yaml
 from trialign.errors import TriAlignError
 
 T = TypeVar("T")
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors (unknown flag, a value of the wrong type, a missing value) raise a
+    one-line `TriAlignError` instead of printing the usage and exiting; ``--help`` still prints and exits 0."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise TriAlignError(f"{message} (run `{self.prog} --help` for the options)")
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

@@ -147,9 +147,9 @@ def _require_folder(field: str, value: str | os.PathLike) -> None:
     for existing in (path, *path.parents):
         if existing.exists():
             if not existing.is_dir():
-                where = "" if existing == path else f" ({existing} is a file)"
+                what = "it is a file" if existing == path else f"{existing} is a file"
                 raise TriAlignError(f"{field} '{value}': expected a folder (or a path where one can be created), but "
-                                    f"it is a file{where}")
+                                    f"{what}")
             return
 
 
@@ -175,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # LightningCLI warns when `args` is given while sys.argv holds arguments too; here they are the same ones, and
     # sys.argv must stay as it is: DDP's launcher starts the other ranks with it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    _check_config_files(argv)
     try:
         make_cli(argv)
     except ArgumentError as err:
@@ -185,6 +186,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     return 0
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Each ``--config`` file exists and holds a YAML mapping, or a one-line error names it (and the line): the
+    parser's own report of a YAML error shows neither the file nor, for a missing one, the option."""
+    from trialign.config_io import read_yaml_mapping
+
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        if Path(value).expanduser().is_file() or value.endswith((".yaml", ".yml", ".json")):
+            read_yaml_mapping(Path(value).expanduser())
 
 
 class _Parsed(Exception):

@@ -558,8 +558,10 @@ class TriAlignModule(LightningModule):
         expected = set(self.state_dict()) - self._frozen_keys()
         missing = sorted(expected - saved)
         if missing:
-            raise TriAlignError(f"checkpoint: missing trainable weights {missing[:5]}"
-                                f"{' ...' if len(missing) > 5 else ''}; was it written by another model config?")
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            raise TriAlignError(f"checkpoint{f' {path}' if path else ''}: missing trainable weights {missing[:5]}"
+                                f"{' ...' if len(missing) > 5 else ''}; expected one written with this model config "
+                                "(model source, LoRA settings, groups, per_group_adapters)")
 
     def on_train_end(self) -> None:
         from lightning.pytorch.strategies import FSDPStrategy

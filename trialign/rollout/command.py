@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from trialign.config_io import build_dataclass, parse_override, read_yaml_mapping
+from trialign.config_io import FlagParser, build_dataclass, parse_override, read_yaml_mapping
 from trialign.errors import TriAlignError, require
 from trialign.rollout.config import RUN_FIELDS, RolloutConfig, config_differences
 from trialign.rollout.schema import SCHEMA_VERSION, features
@@ -41,7 +41,7 @@ _FLAG_TYPES = {"int": int, "float": float, "int | None": int, "str | None": str}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python -m trialign rollout",
         description="Generate the offline multi-group trajectory dataset: for every item and social group, K sampled "
                     "episodes of T assistant turns with a simulated user, scored per turn (truth, personalization, "
@@ -235,6 +235,11 @@ def rollout(config: RolloutConfig) -> dict[str, Any]:
         except TriAlignError as err:
             raise TriAlignError(f"group_ids: {err}") from None
     chunks = [items[i:i + config.items_per_shard] for i in range(0, len(items), config.items_per_shard)]
+    from trialign.backbone import resolve_model_source
+
+    # Before the folder gets a manifest: the model is part of its settings, so a mistyped source recorded there
+    # would make the corrected rerun look like a different dataset.
+    resolve_model_source(config.model, config.cache_dir)
     folder = DatasetFolder(config.output)
     _prepare_folder(folder, config, items, groups, len(chunks))
 
