@@ -86,6 +86,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_leaves_a_complete_checkpoint(tmp_path):
     """A writer saving 8 MB checkpoints in a loop is killed at a random moment: the file on disk is one complete
     version, never a mix or a truncation."""
