@@ -1,0 +1,144 @@
+"""`trialign experiment`: config checks, the pipeline end to end on a tiny model, and a kill-then-rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trialign.cli import main
+from trialign.experiment import Experiment, ExperimentConfig, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_experiment(tmp_path: Path, model_dir: str, output: Path) -> Path:
+    """An experiment YAML on the tiny model: 2 training items, 2 groups, TriAlign and BC for one step each."""
+    rollout = tmp_path / "rollout.yaml"
+    rollout.write_text(yaml.safe_dump({
+        "model": model_dir, "task": "truthfulqa_mc1", "limit": 2, "group_ids": ["neutral", "teenager"],
+        "samples": 2, "turns": 1, "max_new_tokens": 4, "items_per_shard": 1, "threads": 1, "progress": False}))
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "tiny", "output": str(output), "model": model_dir, "rollout_config": str(rollout),
+        "methods": {"trialign": str(ROOT / "configs/trialign.yaml"), "bc": str(ROOT / "configs/baselines/bc.yaml")},
+        "fit_args": ["--model.lora.target_modules", "all-linear", "--trainer.max_steps", "2",
+                     "--trainer.enable_progress_bar", "false", "--data.val_fraction", "0", "--trainer.limit_val_batches",
+                     "0", "--validate_before_fit", "false", "--validate_after_fit", "false"],
+        "training_free": ["base", "pref_aligner"],
+        "eval_limit": 2, "eval_groups": "default", "personalization_limit": 1, "max_new_tokens": 4,
+        "transfer_task": "bbq_age", "transfer_limit": 2, "bootstrap": 20}, sort_keys=False))
+    return config
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1"}
+
+
+def all_metrics(out: Path) -> dict[str, dict]:
+    return {str(p.parent.relative_to(out)): json.loads(p.read_text())["metrics"]
+            for p in sorted((out / "eval").glob("*/*/metrics.json"))}
+
+
+def test_plan_holds_out_the_rollout_items_and_evaluates_pref_aligner_only_where_responses_exist(tmp_path):
+    config = parse_config(["--config", str(tiny_experiment(tmp_path, "some/model", tmp_path / "out"))])
+    experiment = Experiment(config)
+    splits = experiment.splits()
+    assert splits["main"]["offset"] == 2 and splits["main"]["task"] == "truthfulqa_mc1"
+    assert splits["personalization"]["mode"] == "generate" and splits["transfer"]["task"] == "bbq_age"
+    pairs = {(e["method"], e["split"]) for e in experiment.evaluations()}
+    assert ("pref_aligner", "personalization") in pairs and ("pref_aligner", "main") not in pairs
+    assert {("trialign", s) for s in splits} <= pairs and {("base", s) for s in splits} <= pairs
+    keys = [step.key for step in experiment.steps()]
+    assert keys[:3] == ["rollout", "fit/trialign", "fit/bc"] and keys[-1] == "report"
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("training_free=[oracle]", "training_free: unknown baseline(s) oracle"),
+    ("methods={x: missing.yaml}", "methods.x: config file missing.yaml not found"),
+    ("methods={base: configs/trialign.yaml}", "methods: name(s) base also used by a training-free baseline"),
+    ("eval_limit=0", "eval_limit: expected a positive integer, got 0"),
+    ("rollout_config=nope.yaml", "rollout_config: config file nope.yaml not found"),
+])
+def test_bad_experiment_settings_are_one_line_errors(tmp_path, capsys, monkeypatch, override, expected):
+    monkeypatch.chdir(ROOT)
+    code = main(["experiment", "--config", "configs/experiment/quick.yaml", "--output", str(tmp_path / "x"),
+                 "--set", override])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_different_config_in_the_same_folder_is_refused_and_nothing_is_touched(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "exp"
+    config = ExperimentConfig(output=str(out), methods={"trialign": "configs/trialign.yaml"})
+    state = Experiment(config).prepare()
+    before = (out / "experiment.json").read_bytes()
+    code = main(["experiment", "--config", "configs/experiment/quick.yaml", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds an experiment with a different config" in err and "--overwrite" in err
+    assert (out / "experiment.json").read_bytes() == before and state["done"] == {}
+
+
+@pytest.mark.slow
+def test_pipeline_killed_then_rerun_gives_the_results_of_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    reference = tmp_path / "reference"
+    (tmp_path / "a").mkdir()
+    done = subprocess.run([sys.executable, "-m", "trialign", "experiment", "--config",
+                           str(tiny_experiment(tmp_path / "a", tiny_model_dir, reference))],
+                          env=environment(), capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((reference / "experiment.json").read_text())
+    steps = ["rollout", "fit/trialign", "fit/bc"] + [f"eval/{e['method']}/{e['split']}" for e in state["evaluations"]]
+    assert list(state["done"]) == steps + ["report"]
+    assert (reference / "train/trialign/adapter/adapter_model.safetensors").is_file()
+    assert state["fingerprints"]["model_weights"] and len(state["fingerprints"]["rollout_shards"]) == 2
+    report = (reference / "report.md").read_text()
+    for method in ("trialign", "bc", "base", "pref_aligner"):
+        assert method in report
+    html = (reference / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html
+
+    # The same experiment, killed by SIGKILL as soon as the first method is trained (during the second fit).
+    (tmp_path / "b").mkdir()
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "trialign", "experiment", "--config",
+               str(tiny_experiment(tmp_path / "b", tiny_model_dir, killed))]
+    process = subprocess.Popen(command, env=environment(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 900
+    state_file = killed / "experiment.json"
+    while not (state_file.is_file() and "fit/trialign" in json.loads(state_file.read_text()).get("done", {})):
+        assert process.poll() is None, "the experiment ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the pipeline and the `fit` it started
+    process.wait()
+    assert "report" not in json.loads(state_file.read_text())["done"]
+
+    rerun = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "done before, skipped" in rerun.stderr
+    results = all_metrics(killed)
+    assert sorted(results) == sorted(e["path"] for e in state["evaluations"])
+    assert results == all_metrics(reference)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_experiment_configs_parse_and_plan_every_method(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    experiment = Experiment(parse_config(["--config", str(path.relative_to(ROOT))]))
+    methods = {m["name"] for m in experiment.methods()}
+    assert {"trialign", "bc", "dpo", "grdpo", "maxmin", "utilitarian", "trialign_no_penalty", "trialign_no_nsw",
+            "base", "same_answer", "pref_aligner"} == methods
+    assert {e["method"] for e in experiment.evaluations()} == methods
+    assert set(experiment.splits()) == {"main", "personalization", "heldout_groups", "transfer"}

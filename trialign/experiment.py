@@ -1,0 +1,371 @@
+"""`trialign experiment`: the end-to-end test of the paper's claim, resumable step by step.
+
+    rollout -> fit TriAlign and every baseline -> evaluate every method (trained and training-free) -> report
+
+One YAML file (`configs/experiment/demo.yaml`) names the rollout config, the training configs (one per method), the
+training-free baselines and the evaluation splits. Everything is written under ``output``:
+
+    experiment.json                 the resolved config, fingerprints, methods, evaluations, finished steps
+    rollout/                        the offline dataset (`trialign rollout`)
+    train/<method>/                 Lightning root of `trialign fit`: checkpoints/, adapter/, lightning_logs/
+    eval/<method>/<split>/          `trialign evaluate` outputs (metrics.json, per_item.jsonl, tensorboard/)
+    logs/<step>.log                 everything a subprocess printed
+    report.md, report.html          `trialign report`
+
+Evaluation splits, all on items the rollout never used (the task's items after the rollout's `limit`):
+
+* ``main``: the training task under the training groups, answers probed directly (truth metrics);
+* ``personalization``: a few of those items in generate mode, so responses exist whose preferences can be checked
+  (this is the split where Pref-Aligner, which needs a response, is evaluated next to the others);
+* ``heldout_groups``: the same items under personas never seen in training;
+* ``transfer``: a task not used in training.
+
+Resuming: a finished step is recorded in experiment.json and skipped when the command is rerun. A killed rollout
+resumes from its written shards; a killed fit resumes from ``checkpoints/last.ckpt`` (``--ckpt_path last``); an
+evaluation is redone (it writes its files atomically, so a half-finished one leaves nothing). Rerunning with a
+different config is refused unless ``--overwrite``, which deletes this experiment's folder first.
+
+Rollout and fits run as subprocesses (`python -m trialign ...`), so each gets a fresh process and a kill of one is
+the same as a kill of a standalone run; evaluations run in this process and load the base model from its cache
+(under a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from trialign.backbone import DEFAULT_MODEL
+from trialign.config_io import build_dataclass, parse_override, read_yaml_mapping
+from trialign.errors import TriAlignError, require
+from trialign.fileio import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+TRAINING_FREE = {
+    "base": {},
+    "same_answer": {"system_prompt": "same_answer"},
+    "pref_aligner": {"pipeline": "pref_aligner"},
+}
+"""Training-free baselines: evaluate settings applied to the base model."""
+
+SPLITS = ("main", "personalization", "heldout_groups", "transfer")
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings of `trialign experiment` (YAML keys; flags and ``--set key=value`` override them)."""
+
+    name: str = "demo"
+    """Name shown in the report."""
+    output: str = "runs/experiment/demo"
+    """Folder of everything this experiment writes."""
+    model: str = DEFAULT_MODEL
+    """Model source for the rollout's behavior policy, every trained method's backbone and the baselines."""
+    rollout_config: str = "configs/rollout/truthfulqa.yaml"
+    """`trialign rollout` config; its `task` and `limit` decide which items are used for training."""
+    rollout_set: dict[str, Any] = field(default_factory=dict)
+    """Overrides of rollout settings (e.g. ``{limit: 8}``)."""
+    methods: dict[str, str] = field(default_factory=dict)
+    """Trained methods: name -> `trialign fit` config file."""
+    fit_args: list[str] = field(default_factory=list)
+    """Extra `fit` flags for every method (e.g. ``[--trainer.max_steps, "8"]``)."""
+    training_free: list[str] = field(default_factory=lambda: list(TRAINING_FREE))
+    """Training-free baselines, from: base, same_answer, pref_aligner."""
+    eval_limit: int = 16
+    """Held-out items of the training task for the `main` and `heldout_groups` splits."""
+    eval_groups: str = "default"
+    """Group file of the training groups (the rollout's)."""
+    personalization_limit: int = 4
+    """Held-out items evaluated in generate mode (the `personalization` split); 0 skips the split."""
+    max_new_tokens: int = 64
+    """Response length in the `personalization` split."""
+    heldout_groups: str | None = "heldout"
+    """Group file of personas never seen in training; null skips the split."""
+    transfer_task: str | None = "bbq_age"
+    """A task not used in training; null skips the split."""
+    transfer_limit: int = 12
+    """Items of the transfer task."""
+    batch_size: int = 32
+    """Probe/generation batch size of the evaluations."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for the 95% CIs."""
+    seed: int = 0
+    """Seed of the evaluations (the rollout and fit configs carry their own)."""
+    overwrite: bool = False
+    """Delete an existing experiment with another config in `output` and start over."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.methods) or bool(self.training_free), "methods: expected at least one method to compare")
+        unknown = sorted(set(self.training_free) - set(TRAINING_FREE))
+        require(not unknown, f"training_free: unknown baseline(s) {', '.join(unknown)}; expected "
+                             f"{', '.join(TRAINING_FREE)}")
+        clash = sorted(set(self.methods) & set(self.training_free))
+        require(not clash, f"methods: name(s) {', '.join(clash)} also used by a training-free baseline")
+        for name, path in self.methods.items():
+            require(name.replace("_", "").replace("-", "").isalnum(),
+                    f"methods: name '{name}' must be letters, digits, '_' or '-' (it names a folder)")
+            require(Path(path).is_file(), f"methods.{name}: config file {path} not found")
+        require(Path(self.rollout_config).is_file(), f"rollout_config: config file {self.rollout_config} not found")
+        for name in ("eval_limit", "transfer_limit", "batch_size"):
+            require(getattr(self, name) > 0, f"{name}: expected a positive integer, got {getattr(self, name)}")
+        require(self.personalization_limit >= 0,
+                f"personalization_limit: expected >= 0, got {self.personalization_limit}")
+        require(bool(self.output), "output: expected a folder path")
+
+    def content(self) -> dict[str, Any]:
+        """The settings that decide the results (all but `overwrite`)."""
+        data = dataclasses.asdict(self)
+        data.pop("overwrite")
+        return data
+
+
+@dataclass
+class Step:
+    """One resumable unit of work."""
+
+    key: str
+    """Unique name, e.g. ``fit/trialign`` or ``eval/bc/main``."""
+    describe: str
+    run: Any
+    """Callable doing the work; raises on failure."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trialign experiment",
+        description="Rollout, fit TriAlign and the baselines, evaluate them all, and write the report; resumable.",
+    )
+    parser.add_argument("--config", help="experiment YAML (e.g. configs/experiment/demo.yaml)")
+    parser.add_argument("--output", default=None, help="run folder (default: the config's `output`)")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="delete an experiment with a different config in the output folder and start over")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any setting, value parsed as YAML")
+    return parser
+
+
+def parse_config(argv: Sequence[str]) -> ExperimentConfig:
+    args = _parser().parse_args(list(argv))
+    values: dict[str, Any] = read_yaml_mapping(args.config) if args.config else {}
+    source = f"config file {args.config}" if args.config else "experiment"
+    for key in ("output", "overwrite"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    values.update(dict(parse_override(o) for o in args.overrides))
+    return build_dataclass(ExperimentConfig, values, source)
+
+
+class Experiment:
+    """The steps of one experiment and its state file."""
+
+    def __init__(self, config: ExperimentConfig, python: str = sys.executable):
+        self.config = config
+        self.out = Path(config.output)
+        self.python = python
+        self.rollout_values = read_yaml_mapping(config.rollout_config)
+        self.rollout_values.update(config.rollout_set)
+        self.task = self.rollout_values.get("task", "truthfulqa_mc1")
+        require(self.task != "local", "rollout_config: a `local` task cannot be held out automatically; "
+                                      "evaluate it with `trialign evaluate --task local`")
+        self.train_items = self.rollout_values.get("limit")
+        require(isinstance(self.train_items, int) and self.train_items > 0,
+                f"rollout_config: {config.rollout_config} must set `limit` (the number of training items) so "
+                "the evaluation can use the items after them")
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return self.out / "experiment.json"
+
+    def read_state(self) -> dict[str, Any] | None:
+        if not self.state_path.is_file():
+            return None
+        try:
+            return json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TriAlignError(f"experiment state {self.state_path}: unreadable ({err}); pass --overwrite to "
+                                "start over")
+
+    def prepare(self) -> dict[str, Any]:
+        """Refuse another experiment's folder, replace it on --overwrite, or resume this one's state."""
+        state = self.read_state()
+        if state is not None and state.get("config") != json.loads(json.dumps(self.config.content())):
+            if not self.config.overwrite:
+                old = state.get("config") or {}
+                new = self.config.content()
+                differs = sorted(k for k in set(old) | set(new) if old.get(k) != json.loads(json.dumps(new.get(k))))
+                raise TriAlignError(f"output {self.out}: holds an experiment with a different config "
+                                    f"({', '.join(differs) or 'format'} differ); pass --overwrite to replace it or "
+                                    "choose another output")
+            shutil.rmtree(self.out)
+            state = None
+        elif state is None and self.out.exists() and any(self.out.iterdir()):
+            require(self.config.overwrite, f"output {self.out}: exists and is not an experiment folder; pass "
+                                           "--overwrite to replace it or choose another output")
+            shutil.rmtree(self.out)
+        try:
+            (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TriAlignError(f"output {self.out}: not writable ({err.strerror or err})")
+        if state is None:
+            state = {"format": "trialign-experiment", "name": self.config.name, "config": self.config.content(),
+                     "done": {}}
+        state.update(methods=self.methods(), evaluations=self.evaluations())
+        self.save(state)
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        write_json_atomic(self.state_path, state)
+
+    # ---- what runs ---------------------------------------------------------------------------------------------
+    def methods(self) -> list[dict[str, Any]]:
+        trained = [{"name": name, "kind": "trained", "config_file": path,
+                    "adapter": str(self.out / "train" / name / "adapter")} for name, path in self.config.methods.items()]
+        free = [{"name": name, "kind": "training-free", "settings": TRAINING_FREE[name]}
+                for name in self.config.training_free]
+        return trained + free
+
+    def splits(self) -> dict[str, dict[str, Any]]:
+        """Evaluate settings of each split (before the method's own)."""
+        c = self.config
+        held_out = {"task": self.task, "offset": self.train_items}
+        splits = {"main": {**held_out, "limit": c.eval_limit, "groups": c.eval_groups, "mode": "probe"}}
+        if c.personalization_limit:
+            splits["personalization"] = {**held_out, "limit": c.personalization_limit, "groups": c.eval_groups,
+                                         "mode": "generate", "max_new_tokens": c.max_new_tokens}
+        if c.heldout_groups:
+            splits["heldout_groups"] = {**held_out, "limit": c.eval_limit, "groups": c.heldout_groups,
+                                        "mode": "probe"}
+        if c.transfer_task:
+            splits["transfer"] = {"task": c.transfer_task, "limit": c.transfer_limit, "groups": c.eval_groups,
+                                  "mode": "probe"}
+        return splits
+
+    def evaluations(self) -> list[dict[str, str]]:
+        out = []
+        for method in self.methods():
+            for split, settings in self.splits().items():
+                if method["name"] == "pref_aligner" and settings["mode"] != "generate":
+                    continue  # Pref-Aligner rewrites a response: only defined where responses are generated
+                out.append({"method": method["name"], "split": split,
+                            "path": str(Path("eval") / method["name"] / split)})
+        return out
+
+    def steps(self) -> list[Step]:
+        steps = [Step("rollout", f"rollout ({self.task}, {self.train_items} items)", self.run_rollout)]
+        for name, path in self.config.methods.items():
+            steps.append(Step(f"fit/{name}", f"fit {name} ({path})", lambda n=name, p=path: self.run_fit(n, p)))
+        methods = {m["name"]: m for m in self.methods()}
+        splits = self.splits()
+        for entry in self.evaluations():
+            method, split = methods[entry["method"]], entry["split"]
+            steps.append(Step(f"eval/{method['name']}/{split}", f"evaluate {method['name']} on {split}",
+                              lambda m=method, s=split: self.run_evaluation(m, s, splits[s])))
+        steps.append(Step("report", "report", self.run_report))
+        return steps
+
+    # ---- the steps ---------------------------------------------------------------------------------------------
+    def _subprocess(self, key: str, args: list[str]) -> None:
+        log_path = self.out / "logs" / (key.replace("/", "_") + ".log")
+        command = [self.python, "-m", "trialign", *args]
+        with open(log_path, "a", encoding="utf-8") as handle:
+            handle.write(f"$ {' '.join(command)}\n")
+            handle.flush()
+            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ,
+                                  "PYTHONUNBUFFERED": "1"})
+        if done.returncode != 0:
+            lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+            errors = [line for line in lines if "error" in line.lower()]
+            reason = (errors[-1] if errors else (lines[-1] if lines else "")).strip()
+            raise TriAlignError(f"step {key}: `trialign {args[0]}` exited with status {done.returncode} "
+                                f"({reason[:300]}); full output in {log_path}")
+
+    def run_rollout(self) -> None:
+        overrides = [f"{k}={json.dumps(v)}" for k, v in self.config.rollout_set.items()]
+        args = ["rollout", "--config", self.config.rollout_config, "--model", self.config.model,
+                "--output", str(self.out / "rollout")]
+        for override in overrides:
+            args += ["--set", override]
+        self._subprocess("rollout", args)
+
+    def run_fit(self, name: str, config_file: str) -> None:
+        root = self.out / "train" / name
+        args = ["fit", "--config", config_file, "--model.model", self.config.model,
+                "--data.data_dir", str(self.out / "rollout"), "--trainer.default_root_dir", str(root),
+                *self.config.fit_args]
+        if (root / "checkpoints" / "last.ckpt").is_file():
+            args += ["--ckpt_path", "last"]  # a killed fit continues where it stopped
+        self._subprocess(f"fit/{name}", args)
+        require((root / "adapter").is_dir(), f"step fit/{name}: finished without writing {root / 'adapter'}")
+
+    def run_evaluation(self, method: dict[str, Any], split: str, settings: dict[str, Any]) -> None:
+        from trialign.evaluate import EvaluateConfig, evaluate
+
+        values = {**settings, **method.get("settings", {})}
+        config = EvaluateConfig(
+            model=self.config.model, adapter=method.get("adapter"), output=str(self.out / "eval" / method["name"] / split),
+            overwrite=True, label=method["name"], batch_size=self.config.batch_size, bootstrap=self.config.bootstrap,
+            seed=self.config.seed, **values)
+        evaluate(config, progress=sys.stderr.isatty())
+
+    def run_report(self) -> None:
+        from trialign.report import from_experiment, write_report
+
+        write_report(from_experiment(self.out, title=f"TriAlign experiment: {self.config.name}"), self.out)
+
+    def fingerprints(self) -> dict[str, Any]:
+        """sha256 of the model weights (from the rollout manifest), the rollout shards and every config file."""
+        from trialign.fileio import sha256_file
+
+        found: dict[str, Any] = {}
+        manifest_path = self.out / "rollout" / "manifest.json"
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            found["model_weights"] = (manifest.get("model") or {}).get("weights_fingerprint")
+            found["rollout_shards"] = {entry["file"]: sha256_file(self.out / "rollout" / entry["file"])
+                                       for entry in manifest.get("shards", [])}
+        files = [self.config.rollout_config, *self.config.methods.values()]
+        found["config_files"] = {path: sha256_file(path) for path in files}
+        return found
+
+
+def run(config: ExperimentConfig) -> dict[str, Any]:
+    """Run every unfinished step in order; returns the final state (also in experiment.json)."""
+    experiment = Experiment(config)
+    state = experiment.prepare()
+    steps = experiment.steps()
+    started = time.perf_counter()
+    for number, step in enumerate(steps, 1):
+        if step.key in state["done"]:
+            log.info("[%d/%d] %s: done before, skipped", number, len(steps), step.describe)
+            continue
+        log.info("[%d/%d] %s ...", number, len(steps), step.describe)
+        t0 = time.perf_counter()
+        step.run()
+        seconds = time.perf_counter() - t0
+        state["done"][step.key] = {"seconds": round(seconds, 1)}
+        if step.key == "rollout":
+            state["fingerprints"] = experiment.fingerprints()
+        experiment.save(state)
+        log.info("[%d/%d] %s: %.0f s", number, len(steps), step.describe, seconds)
+    total = sum(d.get("seconds", 0.0) for d in state["done"].values())
+    print(f"\nexperiment {config.name}: {len(steps)} steps, {total:.0f} s of work "
+          f"({time.perf_counter() - started:.0f} s in this run)\nreport: {experiment.out / 'report.md'}, "
+          f"{experiment.out / 'report.html'}")
+    return state
+
+
+def main(argv: Sequence[str]) -> int:
+    run(parse_config(argv))
+    return 0
