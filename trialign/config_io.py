@@ -8,7 +8,9 @@ its usage and exit).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -111,3 +113,48 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (shown in ``--help``), one line each."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(following.value.value).split()).replace("%", "%%")
+    return docs
+
+
+_FLAG_TYPES = {"int": int, "float": float, "int | None": int, "float | None": float}
+
+
+def settings_parser(cls: type, prog: str, description: str, config_help: str,
+                    set_only: tuple[str, ...] = ()) -> FlagParser:
+    """A `FlagParser` with ``--config FILE``, one flag per field of dataclass `cls` (``--some-field``; booleans as
+    ``--x/--no-x``, lists as several values; mappings and the fields in `set_only` only through ``--set``) and
+    ``--set KEY=VALUE``."""
+    parser = FlagParser(prog=prog, description=description)
+    parser.add_argument("--config", help=config_help)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        flag, kind, doc = "--" + f.name.replace("_", "-"), str(f.type), docs.get(f.name, "")
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        elif kind.startswith(("list", "tuple")):
+            parser.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="VALUE", help=doc)
+        elif kind.startswith("dict") or f.name in set_only:
+            continue  # a mapping: in YAML, or --set name='{key: value}'
+        else:
+            parser.add_argument(flag, dest=f.name, type=_FLAG_TYPES.get(kind, str), default=None, help=doc)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any setting, the value parsed as YAML (e.g. --set limit=8)")
+    return parser
+
+
+def collect_settings(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], str]:
+    """Settings from ``--config`` YAML, then flags, then ``--set`` overrides; and the name of their source."""
+    values: dict[str, Any] = read_yaml_mapping(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None})
+    values.update(dict(parse_override(o) for o in args.overrides))
+    return values, (f"config file {args.config}" if args.config else command)

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer
-from trialign.config_io import build_dataclass, parse_override, read_yaml_mapping
+from trialign.config_io import build_dataclass, collect_settings, settings_parser
 from trialign.errors import TriAlignError, require
 from trialign.fileio import write_json_atomic, write_jsonl_atomic
 
@@ -116,34 +116,13 @@ class EvaluateConfig:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m trialign evaluate",
-        description="Audit truth accuracy and cross-group consistency of a model under social-group personas.",
-    )
-    parser.add_argument("--config", help="YAML file of settings (flags override it)")
-    for f in dataclasses.fields(EvaluateConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool",):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name == "group_ids":
-            parser.add_argument(flag, dest=f.name, nargs="+", default=None)
-        elif f.type.startswith("int"):
-            parser.add_argument(flag, dest=f.name, type=int, default=None)
-        elif f.type.startswith("float"):
-            parser.add_argument(flag, dest=f.name, type=float, default=None)
-        else:
-            parser.add_argument(flag, dest=f.name, default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any setting, value parsed as YAML")
-    return parser
+    return settings_parser(EvaluateConfig, "python -m trialign evaluate",
+                           "Audit truth accuracy and cross-group consistency of a model under social-group personas.",
+                           "YAML file of settings (see configs/audit/; flags override it)")
 
 
 def parse_config(argv: Sequence[str]) -> EvaluateConfig:
-    args = _parser().parse_args(list(argv))
-    values: dict[str, Any] = read_yaml_mapping(args.config) if args.config else {}
-    source = f"config file {args.config}" if args.config else "evaluate"
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None})
-    values.update(dict(parse_override(o) for o in args.overrides))
+    values, source = collect_settings(_parser().parse_args(list(argv)), "evaluate")
     return build_dataclass(EvaluateConfig, values, source)
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trialign.backbone import DEFAULT_MODEL
-from trialign.config_io import build_dataclass, parse_override, read_yaml_mapping
+from trialign.config_io import build_dataclass, collect_settings, read_yaml_mapping, settings_parser
 from trialign.errors import TriAlignError, require
 from trialign.fileio import write_json_atomic
 
@@ -142,27 +142,16 @@ class Step:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m trialign experiment",
-        description="Rollout, fit TriAlign and the baselines, evaluate them all, and write the report; resumable.",
-    )
-    parser.add_argument("--config", help="experiment YAML (e.g. configs/experiment/demo.yaml)")
-    parser.add_argument("--output", default=None, help="run folder (default: the config's `output`)")
-    parser.add_argument("--overwrite", action="store_true", default=None,
-                        help="delete an experiment with a different config in the output folder and start over")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any setting, value parsed as YAML")
-    return parser
+    return settings_parser(ExperimentConfig, "python -m trialign experiment",
+                           "Rollout, fit TriAlign and the baselines, evaluate them all, and write the report; "
+                           "rerunning the same command resumes where it stopped.",
+                           "experiment YAML (e.g. configs/experiment/demo.yaml); flags override it",
+                           set_only=("fit_args",))  # its values are flags themselves: --set fit_args='[...]'
+
 
 
 def parse_config(argv: Sequence[str]) -> ExperimentConfig:
-    args = _parser().parse_args(list(argv))
-    values: dict[str, Any] = read_yaml_mapping(args.config) if args.config else {}
-    source = f"config file {args.config}" if args.config else "experiment"
-    for key in ("output", "overwrite"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    values.update(dict(parse_override(o) for o in args.overrides))
+    values, source = collect_settings(_parser().parse_args(list(argv)), "experiment")
     return build_dataclass(ExperimentConfig, values, source)
 
 

@@ -20,7 +20,6 @@ so a different token can be drawn where two are nearly tied: GPU runs are reprod
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -29,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from trialign.config_io import FlagParser, build_dataclass, parse_override, read_yaml_mapping
+from trialign.config_io import build_dataclass, collect_settings, settings_parser
 from trialign.errors import TriAlignError, require
 from trialign.rollout.config import RUN_FIELDS, RolloutConfig, config_differences
 from trialign.rollout.schema import SCHEMA_VERSION, features
@@ -37,55 +36,20 @@ from trialign.rollout.storage import DATA_FILES, MANIFEST_FORMAT, DatasetFolder,
 
 log = logging.getLogger(__name__)
 
-_FLAG_TYPES = {"int": int, "float": float, "int | None": int, "str | None": str}
-
 
 def _parser() -> argparse.ArgumentParser:
-    parser = FlagParser(
-        prog="python -m trialign rollout",
-        description="Generate the offline multi-group trajectory dataset: for every item and social group, K sampled "
-                    "episodes of T assistant turns with a simulated user, scored per turn (truth, personalization, "
-                    "reward, return, behavior log-probability). Settings come from --config and are overridden by "
-                    "flags or --set key=value. Rerunning the same command resumes an interrupted run.",
-    )
-    parser.add_argument("--config", help="YAML file of settings (see configs/rollout/)")
-    for f in dataclasses.fields(RolloutConfig):
-        flag = "--" + f.name.replace("_", "-")
-        doc = _field_doc(f.name)
-        if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=doc)
-        elif f.name == "group_ids":
-            parser.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="ID", help=doc)
-        elif f.name == "user_mix":
-            continue  # a mapping: set it in YAML or with --set user_mix='{challenge: 1}'
-        else:
-            parser.add_argument(flag, dest=f.name, type=_FLAG_TYPES.get(str(f.type), str), default=None, help=doc)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any setting, the value parsed as YAML (e.g. --set user_mix='{challenge: 1}')")
-    return parser
-
-
-def _field_doc(name: str) -> str:
-    """The docstring under a `RolloutConfig` field (shown in --help)."""
-    import ast
-    import inspect
-
-    source = inspect.getsource(RolloutConfig)
-    body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name and \
-                isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
-            return " ".join(str(following.value.value).split()).replace("%", "%%")
-    return ""
+    return settings_parser(
+        RolloutConfig, "python -m trialign rollout",
+        "Generate the offline multi-group trajectory dataset: for every item and social group, K sampled "
+        "episodes of T assistant turns with a simulated user, scored per turn (truth, personalization, "
+        "reward, return, behavior log-probability). Settings come from --config and are overridden by "
+        "flags or --set key=value. Rerunning the same command resumes an interrupted run.",
+        "YAML file of settings (see configs/rollout/)")
 
 
 def parse_config(argv: Sequence[str]) -> RolloutConfig:
     """The settings from ``--config`` YAML, then flags, then ``--set`` overrides; then torchrun's rank."""
-    args = _parser().parse_args(list(argv))
-    values: dict[str, Any] = read_yaml_mapping(args.config) if args.config else {}
-    source = f"config file {args.config}" if args.config else "rollout"
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None})
-    values.update(dict(parse_override(o) for o in args.overrides))
+    values, source = collect_settings(_parser().parse_args(list(argv)), "rollout")
     world, rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
     if world is not None and rank is not None and int(world) > 1:
         explicit = "num_shards" in values or "shard_index" in values
