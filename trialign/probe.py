@@ -145,14 +145,15 @@ def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
     return ids.to(device), mask.to(device)
 
 
-def _right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(seq) for seq in sequences)
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the right to one width (at least 1): ``(ids, mask)`` as long tensors on `device`."""
+    width = max(1, max(len(seq) for seq in sequences))
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -356,8 +357,8 @@ class AnswerProbe:
             for chunk in _even_chunks(longer, self.batch_size):
                 select = torch.tensor([b for b, _, _ in chunk], device=self.device)
                 tokens = [continuation_ids[c][o] for _, c, o in chunk]
-                option_ids, option_mask = _right_pad([t[:-1] for t in tokens], self.pad_id, self.device)
-                targets, _ = _right_pad([t[1:] for t in tokens], self.pad_id, self.device)
+                option_ids, option_mask = right_pad([t[:-1] for t in tokens], self.pad_id, self.device)
+                targets, _ = right_pad([t[1:] for t in tokens], self.pad_id, self.device)
                 gathered = _select_rows(cache, select)
                 steps = torch.arange(option_ids.shape[1], device=self.device)
                 out = self._forward(

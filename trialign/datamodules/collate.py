@@ -71,7 +71,7 @@ from typing import Any, Sequence
 import torch
 
 from trialign.errors import TriAlignError
-from trialign.probe import TARGET_DELIMITER, render_context
+from trialign.probe import TARGET_DELIMITER, render_context, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ class TrajectoryCollator:
             self.dropped_turns += dropped
             log.warning("data: dropped %d turn(s) of %d episode(s) that do not fit max_length=%d (total so far: %d)",
                         dropped, num, self.max_length, self.dropped_turns)
-        input_ids, attention_mask = _right_pad(sequences, self.pad_id)
-        action_turn, _ = _right_pad(action_turns, 0)
+        input_ids, attention_mask = right_pad(sequences, self.pad_id)
+        action_turn, _ = right_pad(action_turns, 0)
         out = {
             "input_ids": input_ids, "attention_mask": attention_mask, "action_turn": action_turn,
             "state_end": state_end, "turn_mask": turn_mask,
@@ -275,8 +275,8 @@ class TrajectoryCollator:
                 sequences.append(prefix + tail)
                 continuation.append([0] * len(prefix) + [1] * len(tail))
                 index.append((b, g, o))
-        probe_ids, probe_mask = _right_pad(sequences, self.pad_id)
-        continuation_mask, _ = _right_pad(continuation, 0)
+        probe_ids, probe_mask = right_pad(sequences, self.pad_id)
+        continuation_mask, _ = right_pad(continuation, 0)
         return {
             "probe_input_ids": probe_ids, "probe_attention_mask": probe_mask,
             "probe_continuation_mask": continuation_mask,
@@ -300,13 +300,3 @@ def _options_of(row: dict[str, Any]) -> list[str]:
 def _per_turn(episodes: list[_Episode], field: str, dtype: torch.dtype, width: int) -> torch.Tensor:
     values = [[float(turn[field]) for turn in e.turns] + [0.0] * (width - len(e.turns)) for e in episodes]
     return torch.tensor(values, dtype=torch.float64).to(dtype)
-
-
-def _right_pad(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(seq) for seq in sequences))
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask

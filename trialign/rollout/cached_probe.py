@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from trialign.probe import TARGET_DELIMITER, AnswerProbe, OptionScores, ProbeResult
+from trialign.probe import TARGET_DELIMITER, AnswerProbe, OptionScores, ProbeResult, right_pad
 from trialign.rollout.sampler import GenerationCache
 from trialign.tasks.item import Item
 
@@ -34,16 +34,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(max(len(r) for r in rows), 1)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -79,7 +69,7 @@ def score_options_on_cache(model, tokenizer, cache: GenerationCache, rows: Seque
         mask = cache.mask.index_select(0, pick)
         mask = mask * (mask.cumsum(-1) <= torch.tensor(kept, device=device)[:, None])
         ends = [context_ids[b][n:] for b, n in zip(chunk, kept)]
-        end_ids, end_mask = _right_pad(ends, pad, device)
+        end_ids, end_mask = right_pad(ends, pad, device)
         steps = torch.arange(end_ids.shape[1], device=device)
         logits = model(input_ids=end_ids, attention_mask=torch.cat([mask, end_mask], 1), past_key_values=past,
                        position_ids=torch.tensor(kept, device=device)[:, None] + steps[None, :], use_cache=True).logits
@@ -130,10 +120,10 @@ def _score_option_blocks(model, past, mask: torch.Tensor, context_lengths: list[
         targets.append(tgt or [pad])
         owners.append(own)
         offsets.append(off or [0])
-    ids, _ = _right_pad(sequences, pad, device)
-    target_ids, _ = _right_pad(targets, pad, device)
-    owner, _ = _right_pad(owners, -1, device)
-    offset, _ = _right_pad(offsets, 0, device)
+    ids, _ = right_pad(sequences, pad, device)
+    target_ids, _ = right_pad(targets, pad, device)
+    owner, _ = right_pad(owners, -1, device)
+    offset, _ = right_pad(offsets, 0, device)
     width = ids.shape[1]
     # Keys: the cached context (as its 2D mask says), then the option tokens of the same option up to the query.
     same_option = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
