@@ -268,16 +268,25 @@ class Experiment:
     def _subprocess(self, key: str, args: list[str]) -> None:
         log_path = self.out / "logs" / (key.replace("/", "_") + ".log")
         command = [self.python, "-m", "trialign", *args]
-        with open(log_path, "a", encoding="utf-8") as handle:
-            handle.write(f"$ {' '.join(command)}\n")
+        show = sys.stderr.isatty()  # on a terminal the step's own progress bars show too; always in the log
+        with open(log_path, "ab") as handle:
+            handle.write(f"$ {' '.join(command)}\n".encode())
             handle.flush()
-            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ,
-                                  "PYTHONUNBUFFERED": "1"})
-        if done.returncode != 0:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            assert process.stdout is not None
+            while chunk := process.stdout.read1(1 << 16):
+                handle.write(chunk)
+                handle.flush()
+                if show:
+                    sys.stderr.buffer.write(chunk)
+                    sys.stderr.flush()
+            returncode = process.wait()
+        if returncode != 0:
             lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
             errors = [line for line in lines if "error" in line.lower()]
             reason = (errors[-1] if errors else (lines[-1] if lines else "")).strip()
-            raise TriAlignError(f"step {key}: `trialign {args[0]}` exited with status {done.returncode} "
+            raise TriAlignError(f"step {key}: `trialign {args[0]}` exited with status {returncode} "
                                 f"({reason[:300]}); full output in {log_path}")
 
     def run_rollout(self) -> None:
