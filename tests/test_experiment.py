@@ -138,7 +138,11 @@ def test_shipped_experiment_configs_parse_and_plan_every_method(path, monkeypatc
     monkeypatch.chdir(ROOT)
     experiment = Experiment(parse_config(["--config", str(path.relative_to(ROOT))]))
     methods = {m["name"] for m in experiment.methods()}
-    assert {"trialign", "bc", "dpo", "grdpo", "maxmin", "utilitarian", "trialign_no_penalty", "trialign_no_nsw",
-            "base", "same_answer", "pref_aligner"} == methods
+    every = {"trialign", "bc", "dpo", "grdpo", "maxmin", "utilitarian", "trialign_no_penalty", "trialign_no_nsw",
+             "base", "same_answer", "pref_aligner"}
+    if path.stem == "quick":  # the smoke run trains TriAlign and two baselines only
+        assert methods == {"trialign", "bc", "dpo", "base", "same_answer", "pref_aligner"}
+    else:
+        assert methods == every
     assert {e["method"] for e in experiment.evaluations()} == methods
     assert set(experiment.splits()) == {"main", "personalization", "heldout_groups", "transfer"}
