@@ -157,6 +157,11 @@ def write_rollout_rows(
     return out
 
 
+NO_TASK_VALIDATION = ("--data.val_task", "null")
+"""Arguments that turn off the shipped configs' validation on TruthfulQA items: a synthetic rollout's groups are not
+personas that `trialign.groups` can render (tests of `val_task` use real persona ids)."""
+
+
 def write_synthetic_rollout(
     path: str | Path,
     items: int = 4,
@@ -167,9 +172,11 @@ def write_synthetic_rollout(
     with_options: bool = True,
     free_form: int = 0,
     shards: int = 2,
+    config: dict[str, Any] | None = None,
 ) -> Path:
-    """A complete synthetic rollout folder at `path` (see `synthetic_rows` for the arguments); returns the folder."""
+    """A complete synthetic rollout folder at `path` (see `synthetic_rows` for the arguments); returns the folder.
+    `config` adds rollout settings to the manifest's ``config`` (e.g. how personas were rendered)."""
     rows, names = synthetic_rows(items=items, groups=groups, samples=samples, turns=turns, seed=seed,
                                  with_options=with_options, free_form=free_form)
     return write_rollout_rows(path, rows, names, shards=shards,
-                              manifest={"seed": seed, "config": {"samples": samples, "turns": turns}})
+                              manifest={"seed": seed, "config": {"samples": samples, "turns": turns, **(config or {})}})

@@ -29,7 +29,7 @@ from typing import Callable
 import pytest
 import torch
 
-from data_factory import synthetic_rows, write_rollout_rows, write_synthetic_rollout
+from data_factory import NO_TASK_VALIDATION, synthetic_rows, write_rollout_rows, write_synthetic_rollout
 from trialign.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ class World:
         return path
 
     def fit(self, *extra: str, root: Path | None = None) -> list[str]:
-        return ["fit", "--config", str(ROOT / "configs/trialign.yaml"), "--model.model", self.model,
+        return ["fit", "--config", str(ROOT / "configs/trialign.yaml"), *NO_TASK_VALIDATION, "--model.model", self.model,
                 "--model.lora.target_modules", "all-linear", "--data.data_dir", str(self.data),
                 "--trainer.default_root_dir", str(root or self.run), "--trainer.max_steps", "1",
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -137,12 +137,12 @@ def test_missing_file_and_non_dictionary(tmp_path):
 
 
 def test_the_training_cli_writes_through_safe_checkpoint_io(tmp_path, tiny_model_dir):
-    from data_factory import write_synthetic_rollout
+    from data_factory import NO_TASK_VALIDATION, write_synthetic_rollout
     from trialign.lightning_cli import make_cli
 
     data = write_synthetic_rollout(tmp_path / "data", items=4, groups=["neutral", "teen"])
     cli = make_cli(["--config", "configs/trialign.yaml", "--model.model", tiny_model_dir, "--data.data_dir", str(data),
-                    "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+                    "--trainer.default_root_dir", str(tmp_path / "run"), *NO_TASK_VALIDATION], run=False)
     assert type(cli.trainer.strategy.checkpoint_io) is SafeCheckpointIO
     io = cli.trainer.strategy.checkpoint_io
     io.save_checkpoint(sample(5.0), tmp_path / "run" / "checkpoints" / "last.ckpt")

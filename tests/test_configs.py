@@ -12,7 +12,7 @@ import pytest
 import yaml
 from lightning.pytorch.strategies import DDPStrategy
 
-from data_factory import write_synthetic_rollout
+from data_factory import NO_TASK_VALIDATION, write_synthetic_rollout
 from trialign.lightning_cli import TriAlignCLI, make_cli
 from trialign.modules import aggregators, objectives, penalties, values
 
@@ -38,7 +38,7 @@ def data_dir(tmp_path_factory):
 
 def parse(config: Path, data_dir: str, tmp_path: Path, *extra: str) -> TriAlignCLI:
     return make_cli(["--config", str(config), "--data.data_dir", data_dir, "--trainer.default_root_dir",
-                     str(tmp_path), *extra], run=False)
+                     str(tmp_path), *NO_TASK_VALIDATION, *extra], run=False)
 
 
 def class_path(cls) -> str:
@@ -139,7 +139,7 @@ def run_trialign(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_unknown_class_path_is_a_one_line_error_naming_it(data_dir, tmp_path):
-    done = run_trialign("fit", "--config", str(CONFIGS / "trialign.yaml"), "--data.data_dir", data_dir,
+    done = run_trialign("fit", "--config", str(CONFIGS / "trialign.yaml"), *NO_TASK_VALIDATION, "--data.data_dir", data_dir,
                         "--model.aggregator", "trialign.modules.aggregators.NashWelfareTypo", cwd=tmp_path)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if "error" in line]
@@ -149,7 +149,7 @@ def test_unknown_class_path_is_a_one_line_error_naming_it(data_dir, tmp_path):
 
 
 def test_reference_group_missing_from_the_data_is_a_one_line_error(data_dir, tmp_path):
-    done = run_trialign("validate", "--config", str(CONFIGS / "trialign.yaml"), "--data.data_dir", data_dir,
+    done = run_trialign("validate", "--config", str(CONFIGS / "trialign.yaml"), *NO_TASK_VALIDATION, "--data.data_dir", data_dir,
                         "--model.reference_group", "nobody", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (

@@ -247,6 +247,78 @@ def test_workers_yield_the_same_batches(rollout_dir):
     assert _item_batches(parallel.make_dataloader("train"), 2) == expected
 
 
+# ------------------------------------------------------------------------------------------ task items in validation
+PERSONAS = ["neutral", "teenager", "phd_researcher"]
+AS_ROLLOUT = {"groups": "default", "expression": "explicit", "system_prompt": "same_answer"}
+
+
+@pytest.fixture(scope="module")
+def persona_rollout(tmp_path_factory):
+    """A rollout with real persona ids whose second item is TruthfulQA MC1's item 0001 (so validation must skip it)."""
+    rows, names = synthetic_rows(items=4, groups=PERSONAS, samples=1, turns=1, seed=4)
+    rows[1]["item_id"] = "truthfulqa_mc1/0001"
+    return str(write_rollout_rows(tmp_path_factory.mktemp("personas"), rows, names, shards=1,
+                                  manifest={"config": AS_ROLLOUT}))
+
+
+def test_validation_probes_task_items_asked_as_the_rollout_asked(persona_rollout, embedded_tokenizer, tiny_model):
+    from trialign.groups import load_groups, select_groups
+    from trialign.probe import AnswerProbe
+    from trialign.prompts import SAME_ANSWER_SYSTEM_PROMPT, build_messages
+    from trialign.tasks import load_task
+
+    module = GroupTrajectoryDataModule(persona_rollout, EMBEDDED, batch_size=2, val_fraction=0.25,
+                                       val_task="truthfulqa_mc1", val_limit=3, val_offset=0)
+    batches = list(module.make_dataloader("val"))
+    _, rollout_val = module.split()
+    assert [b["item_ids"] for b in batches] == [rollout_val, ["truthfulqa_mc1/0000", "truthfulqa_mc1/0002"],
+                                                ["truthfulqa_mc1/0003"]]
+    assert len(module.make_dataloader("val")) == 3
+    assert "input_ids" in batches[0] and "input_ids" not in batches[1]  # task rows are probe-only
+    items = {item.id: item for item in load_task("truthfulqa_mc1", limit=4)}
+    groups = select_groups(load_groups("default"), PERSONAS)
+    probe = AnswerProbe(tiny_model, embedded_tokenizer)
+    batch = batches[1]
+    for m, (b, g, o) in enumerate(batch["probe_index"].tolist()):
+        item = items[batch["item_ids"][b]]
+        messages = [{"role": "system", "content": SAME_ANSWER_SYSTEM_PROMPT},
+                    *build_messages(item, groups[g], expression="explicit")]
+        context = render_context(embedded_tokenizer, messages, None, "Final answer:")
+        context_ids, continuation_ids = probe._encode_pairs([context], [list(item.options)])
+        real = batch["probe_attention_mask"][m].bool()
+        continuation = batch["probe_continuation_mask"][m].bool()
+        assert batch["probe_input_ids"][m][real & ~continuation].tolist() == context_ids[0]
+        assert batch["probe_input_ids"][m][continuation].tolist() == continuation_ids[0][o]
+    assert batch["gold_index"].tolist() == [items[i].gold for i in batch["item_ids"]]
+    assert batch["correct_options"][0].nonzero().flatten().tolist() == list(items["truthfulqa_mc1/0000"].correct_options)
+    assert bool(batch["has_options"].all())
+    # Two ranks: disjoint task items, all of them; each loader's length is what it yields.
+    per_rank = []
+    for rank in (0, 1):
+        loader = module.make_dataloader("val", rank=rank, world_size=2)
+        rank_batches = list(loader)
+        assert len(rank_batches) == len(loader)
+        per_rank.append([i for b in rank_batches for i in b["item_ids"] if i not in rollout_val])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == ["truthfulqa_mc1/0000", "truthfulqa_mc1/0002", "truthfulqa_mc1/0003"]
+
+
+@pytest.mark.parametrize("kwargs, manifest, expected", [
+    ({"val_task": "truthfulqa_mc1", "val_limit": 0}, AS_ROLLOUT, "data.val_limit: expected a positive number"),
+    ({"val_task": "truthfulqa_mc1", "val_offset": -1}, AS_ROLLOUT, "data.val_offset: expected 0 or more"),
+    ({"val_task": "no_such_task"}, AS_ROLLOUT, "data.val_task: task: unknown task 'no_such_task'"),
+    ({"val_task": "truthfulqa_mc1", "val_offset": 10_000}, AS_ROLLOUT, "data.val_task: task truthfulqa_mc1 has no items"),
+    ({"val_task": "truthfulqa_mc1"}, {"samples": 1}, "does not record how the rollout asked its items"),
+    ({"val_task": "truthfulqa_mc1"}, {**AS_ROLLOUT, "groups": "heldout"}, "data.val_task: the rollout's groups"),
+])
+def test_task_validation_errors_name_the_field(tmp_path, kwargs, manifest, expected):
+    rows, names = synthetic_rows(items=2, groups=PERSONAS, samples=1, turns=1)
+    data = str(write_rollout_rows(tmp_path, rows, names, shards=1, manifest={"config": manifest}))
+    with pytest.raises(TriAlignError) as info:
+        GroupTrajectoryDataModule(data, EMBEDDED, val_fraction=0.5, **kwargs).setup("fit")
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
 # ------------------------------------------------------------------------------------------------ data errors
 def _write(path, rows, groups, **kwargs):
     return str(write_rollout_rows(path, rows, groups, **kwargs))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_factory import write_synthetic_rollout
+from data_factory import NO_TASK_VALIDATION, write_synthetic_rollout
 from trialign.checkpoints import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,8 @@ def command(model_dir: str, data: Path, root: Path, *extra: str) -> list[str]:
             "--model.model", model_dir, "--model.lora.target_modules", "all-linear", "--data.data_dir", str(data),
             "--trainer.max_steps", str(STEPS), "--trainer.deterministic", "true",
             "--trainer.default_root_dir", str(root), "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.save_dir", str(root), "--trainer.enable_progress_bar", "false", *extra]
+            "--trainer.logger.save_dir", str(root), "--trainer.enable_progress_bar", "false", *NO_TASK_VALIDATION,
+            "--data.val_fraction", "0.25", *extra]
 
 
 def environment() -> dict[str, str]:

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
-from data_factory import synthetic_rows
+from data_factory import NO_TASK_VALIDATION, synthetic_rows
 from trialign.backbone import LoraSettings, load_model
 from trialign.datamodules.collate import TrajectoryCollator
 from trialign.errors import TriAlignError
@@ -262,9 +262,13 @@ def test_validation_metrics_match_a_direct_computation(tmp_path, tiny_model_dir,
     perturb_adapters(module, seed=1)
     (results,) = quiet_trainer(tmp_path).validate(module, dataloaders=DataLoader(batches, batch_size=None),
                                                   verbose=False)
-    answers, correct = [], []
+    answers, correct, penalties, sizes = [], [], [], []
     with torch.no_grad():
         for batch in batches:
+            probe = module.probe_logprobs(batch)
+            penalties.append(float(module.penalty(probe["option_logprobs"], batch["option_mask"], probe["gold_logprob"],
+                                                  probe["group_mask"], batch["has_options"])))
+            sizes.append(len(batch["item_ids"]))
             token = direct_token_logprobs(module.policy.model.eval(), batch["probe_input_ids"],
                                           batch["probe_attention_mask"])
             scores = np.full((len(batch["item_ids"]), len(names), batch["option_mask"].shape[1]), -np.inf)
@@ -286,6 +290,8 @@ def test_validation_metrics_match_a_direct_computation(tmp_path, tiny_model_dir,
     for g, name in enumerate(names[1:], start=1):
         broken = (reference_correct & ~correct[:, g]).sum() / max(reference_correct.sum(), 1)
         assert results[f"val/breakage/{name}"] == pytest.approx(broken)
+    # The penalty is the mean over items (batches weighted by their size), as one sum across DDP ranks gives it.
+    assert results["val/penalty"] == pytest.approx(np.average(penalties, weights=sizes), rel=1e-5)
     assert 0 < consistent.mean() < 1 or 0 < accuracy.mean() < 1  # the data is not degenerate
 
 
@@ -335,7 +341,7 @@ def test_resume_from_last_checkpoint_equals_an_uninterrupted_run(tmp_path, tiny_
     data = write_synthetic_rollout(tmp_path / "data", items=8, groups=["neutral", "teen", "retiree"], seed=1)
 
     def fit(root, steps, *extra):
-        argv = ["fit", "--config", "configs/trialign.yaml", "--model.model", tiny_model_dir,
+        argv = ["fit", "--config", "configs/trialign.yaml", *NO_TASK_VALIDATION, "--model.model", tiny_model_dir,
                 "--model.lora.target_modules", "all-linear", "--model.aggregator",
                 "configs/components/aggregator/group_robust.yaml", "--data.data_dir", str(data),
                 "--trainer.default_root_dir", str(tmp_path / root), "--trainer.max_steps", str(steps),
@@ -401,7 +407,7 @@ def cli_fit(tmp_path, model_dir, root, steps, *extra):
     data = tmp_path / "data"
     if not data.exists():
         write_synthetic_rollout(data, items=6, groups=["neutral", "teen", "retiree"], seed=1)
-    return main(["fit", "--config", "configs/trialign.yaml", "--model.model", model_dir,
+    return main(["fit", "--config", "configs/trialign.yaml", *NO_TASK_VALIDATION, "--model.model", model_dir,
                  "--model.lora.target_modules", "all-linear", "--data.data_dir", str(data),
                  "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
                  "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -79,7 +79,7 @@ class Payload:
 
 
 def test_a_checkpoint_carrying_code_is_refused_and_not_run(tmp_path, tiny_model_dir, capsys):
-    from data_factory import write_synthetic_rollout
+    from data_factory import NO_TASK_VALIDATION, write_synthetic_rollout
 
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "gift.ckpt"
@@ -87,7 +87,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_not_run(tmp_path, tiny_model_
     data = write_synthetic_rollout(tmp_path / "data", items=4, groups=["neutral", "teen"])
     code = main(["validate", "--config", str(ROOT / "configs/trialign.yaml"), "--model.model", tiny_model_dir,
                  "--data.data_dir", str(data), "--trainer.default_root_dir", str(tmp_path / "run"),
-                 "--ckpt_path", str(checkpoint)])
+                 "--ckpt_path", str(checkpoint), *NO_TASK_VALIDATION])
     err = capsys.readouterr().err
     assert code == 2 and f"checkpoint {checkpoint}: holds Python objects such as posix.system" in err, err
     assert "weights_only=True" in err
@@ -98,14 +98,14 @@ YAML_PAYLOAD = "!!python/object/apply:os.system ['touch {marker}']"
 
 
 def test_yaml_python_tags_are_refused_in_every_file_a_user_writes(tmp_path, tiny_model_dir, capsys):
-    from data_factory import write_synthetic_rollout
+    from data_factory import NO_TASK_VALIDATION, write_synthetic_rollout
     from trialign.groups import load_groups
 
     marker = tmp_path / "pwned"
     payload = YAML_PAYLOAD.format(marker=marker)
     data = write_synthetic_rollout(tmp_path / "data", items=4, groups=["neutral", "teen"])
     fit = ["fit", "--config", str(ROOT / "configs/trialign.yaml"), "--model.model", tiny_model_dir,
-           "--data.data_dir", str(data), "--trainer.default_root_dir", str(tmp_path / "run")]
+           "--data.data_dir", str(data), "--trainer.default_root_dir", str(tmp_path / "run"), *NO_TASK_VALIDATION]
     files = {name: tmp_path / f"{name}.yaml" for name in ("config", "component", "rollout", "groups", "evaluate")}
     files["config"].write_text(f"trainer:\n  max_steps: {payload}\n")
     files["component"].write_text(f"class_path: trialign.modules.aggregators.MaxMin\ninit_args:\n  "

@@ -126,16 +126,6 @@ def parse_config(argv: Sequence[str]) -> EvaluateConfig:
     return build_dataclass(EvaluateConfig, values, source)
 
 
-def _system_prompt(setting: str) -> str | None:
-    from trialign.prompts import SAME_ANSWER_SYSTEM_PROMPT
-
-    if setting in ("", "none"):
-        return None
-    if setting == "same_answer":
-        return SAME_ANSWER_SYSTEM_PROMPT
-    return setting
-
-
 def _prepare_output(config: EvaluateConfig) -> Path:
     out = Path(config.output)
     if (out / "metrics.json").exists() and not config.overwrite:
@@ -182,9 +172,9 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     from trialign.preferences import preference_score
     from trialign.probe import AnswerProbe, render_context
     from trialign.groups import Group
-    from trialign.prompts import build_messages, build_rewrite_messages
+    from trialign.prompts import build_messages, build_rewrite_messages, resolve_system_prompt
 
-    system_prompt = _system_prompt(config.system_prompt)
+    system_prompt = resolve_system_prompt(config.system_prompt)
     pairs = [(item, group) for item in items for group in groups]
     messages = [build_messages(item, group, expression=config.expression, system_prompt=system_prompt)
                 for item, group in pairs]

@@ -57,6 +57,14 @@ def build_rewrite_messages(
     return messages + [{"role": "user", "content": "\n\n".join(parts)}]
 
 
+def resolve_system_prompt(setting: str | None) -> str | None:
+    """The system message a `system_prompt` setting stands for: None for ``"none"``/``""``, the "same answer"
+    baseline's prompt for ``"same_answer"``, otherwise the text itself."""
+    if not setting or setting == "none":
+        return None
+    return SAME_ANSWER_SYSTEM_PROMPT if setting == "same_answer" else setting
+
+
 def format_item(item: Item) -> str:
     """The item as shown to the model without any persona: context, question, and ``- option`` lines."""
     parts = []

@@ -29,6 +29,11 @@ the group's first episode) with the assistant turn opened and `probe_answer_pref
 context + continuation after the context's own tokens). Free-form items have one "option": ``" " + gold_text``.
 Probe sequences are not truncated.
 
+**Probe-only rows.** Validation may also probe task items that have no episodes (`GroupTrajectoryDataModule`'s
+``val_task``): such a row carries ``probe_only: True`` and, per group, the ``system`` and first ``user`` message
+as the rollout would have written them. A batch of them holds only the probe keys, ``item_ids`` and
+``group_names`` (no episode tensors); validation reads nothing else.
+
 Output of ``collator(rows)`` (B items, G groups, N episodes, T = the batch's longest episode in turns, L the longest
 episode sequence, O the most options of an item in the batch (at least 1), M probe rows, Lp the longest probe row):
 
@@ -174,21 +179,27 @@ class TrajectoryCollator:
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not rows:
             raise TriAlignError("collator: got an empty batch")
+        probe_only = [bool(row.get("probe_only")) for row in rows]
+        if any(probe_only) and not all(probe_only):
+            raise TriAlignError("collator: a batch mixes rollout rows and probe-only rows")
         episodes: list[_Episode] = []
         probe_contexts: list[tuple[int, int, str, list[str]]] = []
         for b, row in enumerate(rows):
             options = _options_of(row)
             for g, group in enumerate(self._ordered_groups(row)):
-                for episode in group["episodes"]:
-                    where = f" of item {row['item_id']!r}, group {group['group']!r}, sample {episode['sample']}"
-                    pieces = self.episode_pieces(group["system"], episode["turns"], where)
-                    episodes.append(_Episode(pieces, list(episode["turns"]), b, g, int(episode["sample"]), where))
-                first = group["episodes"][0]["turns"][0]["user"]
+                if probe_only[b]:
+                    first = group["user"]
+                else:
+                    for episode in group["episodes"]:
+                        where = f" of item {row['item_id']!r}, group {group['group']!r}, sample {episode['sample']}"
+                        pieces = self.episode_pieces(group["system"], episode["turns"], where)
+                        episodes.append(_Episode(pieces, list(episode["turns"]), b, g, int(episode["sample"]), where))
+                    first = group["episodes"][0]["turns"][0]["user"]
                 messages = ([{"role": "system", "content": group["system"]}] if group["system"] else [])
                 messages.append({"role": "user", "content": first})
                 context = render_context(self.tokenizer, messages, None, self.probe_answer_prefix)
                 probe_contexts.append((b, g, context, options))
-        batch = self._episode_tensors(episodes)
+        batch = {} if probe_only[0] else self._episode_tensors(episodes)
         batch.update(self._probe_tensors(rows, probe_contexts))
         batch["item_ids"] = [str(row["item_id"]) for row in rows]
         batch["group_names"] = list(self.group_names)

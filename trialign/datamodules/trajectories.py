@@ -26,6 +26,12 @@ DESIGN.md "Data": the rollout writes Parquet shards with one row per item holdin
   out each epoch, different ones each epoch). Validation: items are dealt round-robin with nothing dropped, and each
   rank splits its items into the same number of batches (``ceil(n / (world_size · B))``) so ranks stay in step;
   batches may then hold fewer than B items.
+* **Validation on task items.** A rollout is expensive per item, so its held-out items are few. With ``val_task``
+  (e.g. the rollout's own task), validation also probes ``val_limit`` of that task's items — items the rollout did
+  not use, after the first ``val_offset`` in the task's stable order — under every group's persona, asked exactly as
+  the rollout asked its own (groups file, persona expression, system prompt and preference lines from
+  ``manifest.json``). These rows have no episodes (`TrajectoryCollator` "probe-only rows"); the validation metrics
+  are computed over both kinds of items together. They are dealt to ranks like the rollout's validation items.
 * **Deterministic order.** Streaming (the default) reads rows with HF `datasets` in streaming mode; training rows go
   through its seeded shuffle (shard order + a buffer of `shuffle_buffer` rows) re-seeded per epoch with
   ``set_epoch``. Every rank and every DataLoader worker reads the same stream and keeps its own items and batches
@@ -486,6 +492,95 @@ class ItemStream(IterableDataset):
                                 f"{self.rank}, the stream held {position}")
 
 
+class ValidationStream(IterableDataset):
+    """The held-out rollout items of an `ItemStream`, then the probe-only task rows (see "Validation on task
+    items"), dealt to ranks and batched as the rollout's validation items are."""
+
+    def __init__(self, items: ItemStream, task_rows: Sequence[dict[str, Any]]):
+        self.items = items
+        self.task_rows = list(task_rows)
+        ids = [str(row["item_id"]) for row in self.task_rows]
+        mine, self.sizes = epoch_plan(ids, items.batch_size, items.rank, items.world_size, 0, items.seed, train=False)
+        position = {item_id: i for i, item_id in enumerate(ids)}
+        self.mine = [self.task_rows[position[item_id]] for item_id in mine]
+        self.seed = items.seed
+        self.item_ids = items.item_ids + ids
+        self.skip_batches = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.items.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.items.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items) + len(self.sizes)
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        yield from self.items
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        start = 0
+        for batch, size in enumerate(self.sizes):
+            if batch % num_workers == worker_id:
+                yield self.mine[start : start + size]
+            start += size
+
+
+def task_probe_rows(data_dir: str | Path, group_names: Sequence[str], exclude: Sequence[str], task: str,
+                    limit: int, offset: int = 0) -> list[dict[str, Any]]:
+    """Probe-only rows (`trialign.datamodules.collate`) of `limit` items of `task` after its first `offset`, leaving
+    out items in `exclude` (the rollout's), each asked under every group of `group_names` as the rollout at
+    `data_dir` asked its own: its manifest's groups file, persona expression, system prompt and preference lines."""
+    from trialign.groups import load_groups, select_groups
+    from trialign.prompts import build_messages, resolve_system_prompt
+    from trialign.tasks import load_task
+
+    manifest = _read_manifest(Path(data_dir).expanduser())
+    settings = (manifest or {}).get("config")
+    needed = ("groups", "expression", "system_prompt")
+    if not isinstance(settings, dict) or any(key not in settings for key in needed):
+        raise TriAlignError(f"data.val_task: {Path(data_dir) / MANIFEST_NAME} does not record how the rollout asked "
+                            f"its items (config.{', config.'.join(needed)}), so task items cannot be asked alike")
+    try:
+        groups = select_groups(load_groups(settings["groups"]), list(group_names))
+    except TriAlignError as err:
+        raise TriAlignError(f"data.val_task: the rollout's groups ({settings['groups']}): {err}") from None
+    system = resolve_system_prompt(settings["system_prompt"]) or ""
+    skip = set(exclude)
+    try:
+        items = load_task(task)
+    except TriAlignError as err:
+        raise TriAlignError(f"data.val_task: {err}") from None
+    rows: list[dict[str, Any]] = []
+    for item in items[offset:]:
+        if len(rows) == limit:
+            break
+        if item.id in skip:
+            continue
+        row_groups = []
+        for group in groups:
+            messages = build_messages(item, group, expression=settings["expression"],
+                                      show_preferences=settings.get("show_preferences", True))
+            row_groups.append({"group": group.id, "system": system, "user": messages[-1]["content"]})
+        rows.append({
+            "item_id": item.id, "probe_only": True, "answer_type": item.answer_type,
+            "options": list(item.options or ()),
+            "gold_index": int(item.gold) if item.has_options else -1,
+            "correct_options": list(item.correct_options) if item.has_options else [],
+            "gold_text": item.options[int(item.gold)] if item.has_options and item.options else str(item.gold),
+            "groups": row_groups,
+        })
+    if not rows:
+        raise TriAlignError(f"data.val_task: task {task} has no items after the first {offset} that the rollout "
+                            "did not use")
+    if len(rows) < limit:
+        log.warning("data: val_task %s has %d items left to validate on, fewer than val_limit=%d", task, len(rows),
+                    limit)
+    return rows
+
+
 class ItemLoader(DataLoader):
     """A DataLoader over an `ItemStream` that knows its epoch and, under a trainer, its resume position.
 
@@ -539,6 +634,9 @@ class GroupTrajectoryDataModule(LightningDataModule):
         streaming: bool = True,
         probe_answer_prefix: str = "Final answer:",
         shuffle_buffer: int = 64,
+        val_task: str | None = None,
+        val_limit: int = 24,
+        val_offset: int = 0,
     ):
         """
         Args:
@@ -553,6 +651,10 @@ class GroupTrajectoryDataModule(LightningDataModule):
             streaming: stream rows from the files (True) or load them into memory (False).
             probe_answer_prefix: text after which the answer probe scores the options.
             shuffle_buffer: rows in the streaming shuffle buffer.
+            val_task: a task (as in `trialign evaluate --task`) whose items validation also probes, under every
+                group's persona rendered as the rollout rendered its own (see "Validation on task items").
+            val_limit: how many of `val_task`'s items.
+            val_offset: items of `val_task` (in its stable order) passed over before they are taken.
         """
         super().__init__()
         if batch_size < 1:
@@ -567,6 +669,10 @@ class GroupTrajectoryDataModule(LightningDataModule):
             raise TriAlignError(f"data.shuffle_buffer: expected at least 1 row, got {shuffle_buffer}")
         if groups is not None and (not groups or len(set(groups)) != len(groups)):
             raise TriAlignError(f"data.groups: expected a non-empty list of distinct group ids, got {groups}")
+        if val_task is not None and val_limit < 1:
+            raise TriAlignError(f"data.val_limit: expected a positive number of items, got {val_limit}")
+        if val_offset < 0:
+            raise TriAlignError(f"data.val_offset: expected 0 or more, got {val_offset}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.tokenizer_source = tokenizer
@@ -579,7 +685,11 @@ class GroupTrajectoryDataModule(LightningDataModule):
         self.streaming = streaming
         self.probe_answer_prefix = probe_answer_prefix
         self.shuffle_buffer = shuffle_buffer
+        self.val_task = val_task
+        self.val_limit = val_limit
+        self.val_offset = val_offset
         self._index: RolloutIndex | None = None
+        self._task_rows: list[dict[str, Any]] | None = None
         self._tokenizer = None
         self._collator: TrajectoryCollator | None = None
 
@@ -620,7 +730,16 @@ class GroupTrajectoryDataModule(LightningDataModule):
                                                 self.probe_answer_prefix)
         return self._collator
 
+    @property
+    def task_rows(self) -> list[dict[str, Any]]:
+        """Probe-only rows of the `val_task` items (empty without `val_task`); built on first use."""
+        if self._task_rows is None:
+            self._task_rows = [] if self.val_task is None else task_probe_rows(
+                self.data_dir, self.group_names, self.index.item_ids, self.val_task, self.val_limit, self.val_offset)
+        return self._task_rows
+
     def setup(self, stage: str | None = None) -> None:
+        self.task_rows  # noqa: B018 - a bad val_task fails before any step
         train, _ = self.split()
         _, world_size = self._distributed()
         if stage in (None, "fit") and len(train) < world_size:
@@ -663,6 +782,8 @@ class GroupTrajectoryDataModule(LightningDataModule):
         stream = ItemStream(self.index.files, train if split == "train" else val, self.batch_size,
                             train=split == "train", seed=self.seed, rank=rank, world_size=world_size,
                             streaming=self.streaming, shuffle_buffer=self.shuffle_buffer)
+        if split == "val" and self.task_rows:
+            stream = ValidationStream(stream, self.task_rows)
         position = self._train_position if split == "train" and self.trainer is not None else None
         return ItemLoader(stream, self.collator, num_workers=self.num_workers, position=position)
 

@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterable
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 
 from trialign.backbone import DEFAULT_MODEL, LoraSettings
 from trialign.errors import TriAlignError
@@ -198,6 +198,9 @@ class TriAlignModule(LightningModule):
         self.value_heads: GroupValueHeads | None = None
         self.utility = GroupUtility(self.group_names, ema=utility_ema)
         self.val_metrics = self._validation_metrics()
+        # A metric, not a logged per-batch mean: ranks may hold different numbers of items, and summing (penalty x
+        # items, items) across ranks gives the mean over all items that one process computes.
+        self.val_penalty = MeanMetric()
         self.last_validated_step: int | None = None
         """Global step of the last completed validation or test pass (None before any)."""
         # The frozen base weights are not saved in checkpoints (see on_save_checkpoint).
@@ -503,17 +506,18 @@ class TriAlignModule(LightningModule):
             self.val_metrics.update(answers=read["answers"], correct=read["correct"])
         penalty = self.penalty(read["option_logprobs"], batch["option_mask"], read["gold_logprob"],
                                read["group_mask"], batch["has_options"])
-        self.log(f"{prefix}/penalty", penalty.float(), on_step=False, on_epoch=True,
-                 batch_size=int(batch["option_mask"].shape[0]), sync_dist=True)
+        self.val_penalty.update(penalty.detach().float(), weight=int(batch["option_mask"].shape[0]))
 
     def _start_evaluation(self) -> None:
         # `trainer.validate` runs in inference mode, the validation inside `fit` does not: states created in one
         # (inference tensors) could not be updated in place in the other, so they are always created outside it.
         with torch.inference_mode(False):
             self.val_metrics.reset()
+            self.val_penalty.reset()
 
     def _end_evaluation(self, prefix: str) -> None:
         results = flatten_results(self.val_metrics.compute(), self.group_names)
+        results["penalty"] = self.val_penalty.compute()
         if self._trainer is not None and self.trainer.sanity_checking:
             return
         self.last_validated_step = self.global_step

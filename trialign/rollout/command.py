@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from trialign.config_io import build_dataclass, collect_settings, settings_parser
 from trialign.errors import TriAlignError, require
+from trialign.prompts import resolve_system_prompt
 from trialign.rollout.config import RUN_FIELDS, RolloutConfig, config_differences
 from trialign.rollout.schema import SCHEMA_VERSION, features
 from trialign.rollout.storage import DATA_FILES, MANIFEST_FORMAT, DatasetFolder, shard_name
@@ -58,14 +59,6 @@ def parse_config(argv: Sequence[str]) -> RolloutConfig:
                 f"launched WORLD_SIZE={world} RANK={rank}; drop the flags under torchrun")
         values["num_shards"], values["shard_index"] = int(world), int(rank)
     return build_dataclass(RolloutConfig, values, source)
-
-
-def _system_prompt(setting: str) -> str | None:
-    from trialign.prompts import SAME_ANSWER_SYSTEM_PROMPT
-
-    if setting in ("", "none"):
-        return None
-    return SAME_ANSWER_SYSTEM_PROMPT if setting == "same_answer" else setting
 
 
 def _launch_id(config: RolloutConfig) -> str:
@@ -244,7 +237,7 @@ def _generate(config, folder, items, groups, chunks, mine, todo) -> dict[str, An
     settings = EpisodeSettings(
         samples=config.samples, turns=config.turns, temperature=config.temperature,
         max_new_tokens=config.max_new_tokens, alpha=config.alpha, gamma=config.gamma, expression=config.expression,
-        system_prompt=_system_prompt(config.system_prompt), show_preferences=config.show_preferences,
+        system_prompt=resolve_system_prompt(config.system_prompt), show_preferences=config.show_preferences,
     )
     log.info("rollout: %d items x %d groups x %d samples x %d turns; this process writes %d of %d shards (%d left)",
              len(items), len(groups), config.samples, config.turns, len(mine), len(chunks), len(todo))
