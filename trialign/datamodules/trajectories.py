@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trialign.datamodules.collate import TrajectoryCollator
 from trialign.errors import TriAlignError
-from trialign.rollout.schema import SCHEMA_VERSION, features
+from trialign.rollout.schema import SCHEMA_VERSION, answer_columns, features
 
 log = logging.getLogger(__name__)
 
@@ -564,14 +564,7 @@ def task_probe_rows(data_dir: str | Path, group_names: Sequence[str], exclude: S
             messages = build_messages(item, group, expression=settings["expression"],
                                       show_preferences=settings.get("show_preferences", True))
             row_groups.append({"group": group.id, "system": system, "user": messages[-1]["content"]})
-        rows.append({
-            "item_id": item.id, "probe_only": True, "answer_type": item.answer_type,
-            "options": list(item.options or ()),
-            "gold_index": int(item.gold) if item.has_options else -1,
-            "correct_options": list(item.correct_options) if item.has_options else [],
-            "gold_text": item.options[int(item.gold)] if item.has_options and item.options else str(item.gold),
-            "groups": row_groups,
-        })
+        rows.append({"item_id": item.id, "probe_only": True, **answer_columns(item), "groups": row_groups})
     if not rows:
         raise TriAlignError(f"data.val_task: task {task} has no items after the first {offset} that the rollout "
                             "did not use")

@@ -36,6 +36,7 @@ from trialign.rollout.sampler import (
     score_actions,
     score_actions_on_cache,
 )
+from trialign.rollout.schema import answer_columns
 from trialign.rollout.simulator import UserSimulator
 from trialign.tasks.item import Item
 
@@ -252,11 +253,7 @@ def _rows(items: Sequence[Item], groups: Sequence[Group], episodes: list[_Episod
             "task": item.task,
             "question": item.question,
             "context": item.context,
-            "options": list(item.options or ()),
-            "gold_index": int(item.gold) if item.has_options else -1,
-            "correct_options": list(item.correct_options) if item.has_options else [],
-            "gold_text": item.options[int(item.gold)] if item.has_options and item.options else str(item.gold),
-            "answer_type": item.answer_type,
+            **answer_columns(item),
             "groups": row_groups,
         })
     return rows

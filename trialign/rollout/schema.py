@@ -63,6 +63,18 @@ TURN_FIELDS = {
 USER_KINDS = ("question", "challenge", "reexplain", "reminder")
 
 
+def answer_columns(item) -> dict[str, Any]:
+    """The answer columns of an item's row (`trialign.tasks.item.Item`): options, gold index, correct options,
+    gold text and answer type; the gold index is -1 and the option lists empty for free-form items."""
+    return {
+        "options": list(item.options or ()),
+        "gold_index": int(item.gold) if item.has_options else -1,
+        "correct_options": list(item.correct_options) if item.has_options else [],
+        "gold_text": item.options[int(item.gold)] if item.has_options and item.options else str(item.gold),
+        "answer_type": item.answer_type,
+    }
+
+
 def features():
     """The HF `datasets.Features` of a rollout row."""
     from datasets import Features, Sequence, Value
