@@ -498,11 +498,10 @@ class ValidationStream(IterableDataset):
 
     def __init__(self, items: ItemStream, task_rows: Sequence[dict[str, Any]]):
         self.items = items
-        self.task_rows = list(task_rows)
-        ids = [str(row["item_id"]) for row in self.task_rows]
+        ids = [str(row["item_id"]) for row in task_rows]
         mine, self.sizes = epoch_plan(ids, items.batch_size, items.rank, items.world_size, 0, items.seed, train=False)
-        position = {item_id: i for i, item_id in enumerate(ids)}
-        self.mine = [self.task_rows[position[item_id]] for item_id in mine]
+        by_id = {str(row["item_id"]): row for row in task_rows}
+        self.mine = [by_id[item_id] for item_id in mine]
         self.seed = items.seed
         self.item_ids = items.item_ids + ids
         self.skip_batches = 0
