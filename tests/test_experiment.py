@@ -101,6 +101,8 @@ def test_pipeline_killed_then_rerun_gives_the_results_of_an_uninterrupted_run(tm
     steps = ["rollout", "fit/trialign", "fit/bc"] + [f"eval/{e['method']}/{e['split']}" for e in state["evaluations"]]
     assert list(state["done"]) == steps + ["report"]
     assert (reference / "train/trialign/adapter/adapter_model.safetensors").is_file()
+    # The keys tests/test_report.py's experiment.json fixture writes.
+    assert set(state["fingerprints"]) == {"model_weights", "rollout_shards", "config_files"}
     assert state["fingerprints"]["model_weights"] and len(state["fingerprints"]["rollout_shards"]) == 2
     report = (reference / "report.md").read_text()
     for method in ("trialign", "bc", "base", "pref_aligner"):

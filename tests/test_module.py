@@ -194,7 +194,13 @@ def test_per_group_adapters_train_only_the_batch_groups(tiny_model_dir, embedded
         assert adapter and head
         changed = [not torch.equal(before[n], after[n]) for n in adapter + head]
         assert all(changed) if group in trained else not any(changed), group
-    assert untouched not in trained
+    # Control: the untouched group's adapter and head do train when its rows are in the batch, so "unchanged" above
+    # is the batch's doing and not an adapter that never trains.
+    train_steps(module, batches[:1])
+    again = snapshot(module)
+    own = [n for n in before
+           if (f".{untouched}." in n and "lora_" in n) or n.startswith(f"value_heads.heads.{untouched}.")]
+    assert all(not torch.equal(after[n], again[n]) for n in own)
     base = [n for n in before if "lora_" not in n and not n.startswith("value_heads.")]
     assert all(torch.equal(before[n], after[n]) for n in base)
 

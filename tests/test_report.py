@@ -73,7 +73,9 @@ def make_experiment(root: Path) -> Path:
     manifest = {
         "name": "demo",
         "config": {"model": "smollm2-135m-instruct", "rollout": {"episodes": 2, "turns": 2}, "seed": 0},
-        "fingerprints": {"model": "a" * 64, "rollout": "b" * 64, "data": {"truthfulqa_mc1": "c" * 64}},
+        # The shape `trialign.experiment.Experiment.fingerprints` writes (test_experiment checks that side).
+        "fingerprints": {"model_weights": "a" * 64, "rollout_shards": {"shard-00000-of-00001.parquet": "b" * 64},
+                         "config_files": {"configs/trialign.yaml": "c" * 64}},
         "methods": [{"name": name, "kind": kind, "config_file": f"configs/{name}.yaml",
                      "adapter": f"checkpoints/{name}" if kind == "trained" else None}
                     for name, (kind, *_rest) in METHODS.items()],
@@ -197,7 +199,7 @@ def test_experiment_report_lists_every_evaluation_config_and_fingerprint(experim
         assert path in markdown and path in page
     for fingerprint in ("a" * 64, "b" * 64, "c" * 64):
         assert fingerprint in markdown and fingerprint in page
-    assert "data.truthfulqa_mc1" in markdown
+    assert "rollout_shards.shard-00000-of-00001.parquet" in markdown and "config_files.configs/trialign.yaml" in page
     assert "model: smollm2-135m-instruct" in markdown and "episodes: 2" in page
     assert "configs/trialign.yaml" in markdown and "checkpoints/nash_only" in page
     assert "task: bbq_age" in markdown  # differs between evaluations: listed per evaluation

@@ -124,6 +124,16 @@ def test_seeded_permutation_is_a_permutation():
         assert sorted(truthfulqa.seeded_permutation(n, f"key{n}")) == list(range(n))
 
 
+def test_seeded_permutation_is_keyed_and_uniform():
+    assert truthfulqa.seeded_permutation(6, "item-7") == truthfulqa.seeded_permutation(6, "item-7")
+    orders = [tuple(truthfulqa.seeded_permutation(4, f"item-{k}")) for k in range(400)]
+    assert len(set(orders)) == 24  # every order of 4 options occurs
+    # Each original option lands in each position about 400/4 = 100 times (binomial sd ~8.7; 60..140 is > 4 sd).
+    for source in range(4):
+        landed = Counter(order.index(source) for order in orders)
+        assert all(60 <= landed[position] <= 140 for position in range(4)), (source, landed)
+
+
 def test_mc_items_carry_csv_metadata():
     item = load_task("truthfulqa_mc1", limit=1)[0]
     assert item.meta["category"] == "Myths and Fairytales" and item.meta["type"] == "Adversarial"
