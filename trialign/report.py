@@ -32,6 +32,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from trialign.config_io import FlagParser
 from trialign.errors import TriAlignError, require
 from trialign.fileio import write_bytes_atomic
 
@@ -580,7 +581,7 @@ def write_report(report: Report, output: str | Path) -> tuple[Path, Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python -m trialign report",
         description="Markdown + self-contained HTML report (tables with 95% CIs, per-group charts, trade-off plot).",
     )
