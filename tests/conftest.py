@@ -7,6 +7,10 @@ import os
 import pytest
 import torch
 
+import deprecation_guard
+
+deprecation_guard.install()
+
 # Tests must never reach a hub; CI has no network beyond package registries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

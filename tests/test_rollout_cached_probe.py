@@ -38,9 +38,9 @@ def test_cached_probe_equals_the_probe(tiny_model, embedded_tokenizer, conversat
     items, contexts, generation = conversations
     probe = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=4)
     expected = probe.answer(items, contexts)
-    before = [k.clone() for k, *_ in generation.cache.past_key_values]
+    before = [k.clone() for k, *_ in generation.cache.key_values]
     got = probe_answers(probe, items, contexts, generation.cache)
-    after = [k for k, *_ in generation.cache.past_key_values]
+    after = [k for k, *_ in generation.cache.key_values]
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # left for the next turn to continue
     assert [r.answer for r in got] == [r.answer for r in expected]
     assert [r.correct for r in got] == [r.correct for r in expected]
@@ -59,7 +59,7 @@ def test_cached_scores_for_rows_and_chunks(tiny_model, embedded_tokenizer, conve
     else:  # the cache's own rows, all of them: drop the free-form item's row from the cache first
         keep = torch.tensor(rows)
         cache = generation.cache
-        cache.past_key_values.batch_select_indices(keep)
+        cache.key_values.batch_select_indices(keep)
         cache.mask = cache.mask.index_select(0, keep)
         cache.tokens = [cache.tokens[i] for i in rows]
     options = [list(items[i].options) for i in rows]

@@ -328,14 +328,14 @@ class AnswerProbe:
         cache = DynamicCache(config=self.model.config)
         if prefix:
             shared = torch.tensor([contexts[0][:prefix]], device=self.device)
-            self._forward(input_ids=shared, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self._forward(input_ids=shared, cache=cache, use_cache=True, logits_to_keep=1)
             cache.batch_repeat_interleave(len(contexts))
         mask = torch.cat([torch.ones_like(rest_mask[:, :1]).expand(-1, prefix), rest_mask], dim=1)
         out = self._forward(
-            input_ids=rest_ids, attention_mask=mask, position_ids=_positions(mask)[:, prefix:], past_key_values=cache,
+            input_ids=rest_ids, attention_mask=mask, position_ids=_positions(mask)[:, prefix:], cache=cache,
             use_cache=True, logits_to_keep=1,
         )
-        return out.logits[:, -1, :], out.past_key_values, mask
+        return out.logits[:, -1, :], out.cache, mask
 
     def _score_shared(self, context_ids, continuation_ids, logliks) -> None:
         batches = self._context_batches(context_ids)
@@ -365,7 +365,7 @@ class AnswerProbe:
                     input_ids=option_ids,
                     attention_mask=torch.cat([mask.index_select(0, select), option_mask], dim=1),
                     position_ids=context_lengths.index_select(0, select)[:, None] + steps[None, :],
-                    past_key_values=gathered,
+                    cache=gathered,
                     use_cache=True,
                 )
                 token_logprobs = _continuation_logprobs(out.logits, targets) * option_mask
@@ -442,8 +442,8 @@ class AnswerProbe:
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                     position = position + 1
                     out = self._forward(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                                        past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    logits, cache = out.logits[:, -1, :], out.past_key_values
+                                        cache=cache, use_cache=True, logits_to_keep=1)
+                    logits, cache = out.logits[:, -1, :], out.cache
                 texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
                 for group, text in zip(batch, texts):
                     for index in group:

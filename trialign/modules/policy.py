@@ -246,12 +246,12 @@ class Policy(nn.Module):
         if option_width > 1:
             cache = DynamicCache(
                 [(keys.index_select(0, context_of_row), values.index_select(0, context_of_row))
-                 for keys, values, *_ in out.past_key_values],
+                 for keys, values, *_ in out.cache],
                 config=model.get_base_model().config,
             )
             tail = decoder(input_ids=option_ids[:, :-1],
                            attention_mask=torch.cat([context_mask[context_of_row], option_mask[:, :-1].long()], 1),
-                           position_ids=first[:, None] + offsets[None, :-1], past_key_values=cache, use_cache=True)
+                           position_ids=first[:, None] + offsets[None, :-1], cache=cache, use_cache=True)
             predictors.append(tail.last_hidden_state)
         predicted_by = torch.cat(predictors, dim=1)
         rows, steps_in = option_mask.nonzero(as_tuple=True)

@@ -62,7 +62,7 @@ def score_options_on_cache(model, tokenizer, cache: GenerationCache, rows: Seque
     totals: dict[tuple[int, int], float] = {}
     for chunk in _row_chunks(continuations, option_tokens):
         pick = torch.tensor([rows[b] for b in chunk], device=device)
-        past = DynamicCache([(k.index_select(0, pick), v.index_select(0, pick)) for k, v, *_ in cache.past_key_values],
+        past = DynamicCache([(k.index_select(0, pick), v.index_select(0, pick)) for k, v, *_ in cache.key_values],
                             config=model.config)
         kept = [min(_common_prefix(context_ids[b], cache.tokens[rows[b]]), len(context_ids[b]) - 1) for b in chunk]
         # Keep each row's first `kept` cached positions; later ones (the message's stop token, padding) are masked.
@@ -71,7 +71,7 @@ def score_options_on_cache(model, tokenizer, cache: GenerationCache, rows: Seque
         ends = [context_ids[b][n:] for b, n in zip(chunk, kept)]
         end_ids, end_mask = right_pad(ends, pad, device)
         steps = torch.arange(end_ids.shape[1], device=device)
-        logits = model(input_ids=end_ids, attention_mask=torch.cat([mask, end_mask], 1), past_key_values=past,
+        logits = model(input_ids=end_ids, attention_mask=torch.cat([mask, end_mask], 1), cache=past,
                        position_ids=torch.tensor(kept, device=device)[:, None] + steps[None, :], use_cache=True).logits
         last = logits[torch.arange(len(chunk), device=device), torch.tensor([len(e) - 1 for e in ends], device=device)]
         pairs = [(row, o) for row, b in enumerate(chunk) for o in range(len(continuations[b]))]
@@ -132,7 +132,7 @@ def _score_option_blocks(model, past, mask: torch.Tensor, context_lengths: list[
     dtype = next(model.parameters()).dtype
     additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     positions = torch.tensor(context_lengths, device=device)[:, None] + offset
-    logits = model(input_ids=ids, attention_mask=additive[:, None], past_key_values=past, use_cache=True,
+    logits = model(input_ids=ids, attention_mask=additive[:, None], cache=past, use_cache=True,
                    position_ids=positions).logits
     values = _logprobs(logits, target_ids).tolist()
     for row, name in enumerate(names):

@@ -52,7 +52,7 @@ class GenerationCache:
     """The KV cache `generate` leaves behind, so that the answer probe can continue the conversations instead of
     running them again (`trialign.rollout.cached_probe`)."""
 
-    past_key_values: Any
+    key_values: Any
     """A transformers cache over every position of `mask`."""
     mask: torch.Tensor
     """[B, P] 1 at the positions that hold a row's tokens (prompt and everything sampled), 0 at padding."""
@@ -179,7 +179,7 @@ def score_actions_on_cache(model, cache: GenerationCache, rows: Sequence[int], p
         kept = torch.tensor([len(prompts[i]) for i in part], device=device)
         if any(cache.tokens[rows[i]][:len(prompts[i])] != list(prompts[i]) for i in part):
             raise ValueError("score_actions_on_cache: a prompt is not the start of its cache row")
-        past = DynamicCache([(k.index_select(0, pick), v.index_select(0, pick)) for k, v, *_ in cache.past_key_values],
+        past = DynamicCache([(k.index_select(0, pick), v.index_select(0, pick)) for k, v, *_ in cache.key_values],
                             config=model.config)
         # The cache holds no logits: the prompt's last token is fed again (its cached copy masked out), so that its
         # logits predict the action's first token; then the action but its last token.
@@ -195,7 +195,7 @@ def score_actions_on_cache(model, cache: GenerationCache, rows: Sequence[int], p
             feed_mask[row, :len(feed)] = 1
             targets[row, :len(feed)] = torch.tensor(list(actions[i]), device=device)
         steps = torch.arange(width, device=device)
-        logits = model(input_ids=ids, attention_mask=torch.cat([mask, feed_mask], 1), past_key_values=past,
+        logits = model(input_ids=ids, attention_mask=torch.cat([mask, feed_mask], 1), cache=past,
                        position_ids=(kept - 1)[:, None] + steps[None, :], use_cache=True).logits
         values = _token_logprobs(logits.flatten(0, 1), targets.flatten()).view(targets.shape) * feed_mask
         totals.extend(values.sum(-1).tolist())
@@ -241,7 +241,7 @@ class HFSampler:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=past,
+                out = self.model.generate(input_ids=ids, attention_mask=mask, cache=past,
                                           generation_config=config)
         width = ids.shape[1]
         new_tokens = out.sequences[:, width:].tolist()
@@ -278,7 +278,7 @@ class HFSampler:
         past = DynamicCache(config=self.model.config)
         # Left padding puts every prompt's last token in the last column: the cache covers all columns but it.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=past, use_cache=True,
+            self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], cache=past, use_cache=True,
                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, :-1], logits_to_keep=1)
         past.batch_select_indices(rows)
         return ids.index_select(0, rows), mask.index_select(0, rows), past
@@ -291,7 +291,7 @@ class HFSampler:
         old = cache.mask * (cache.mask.cumsum(-1) <= torch.tensor(kept, device=cache.mask.device)[:, None])
         new_ids, new_mask = _left_pad([list(p)[k:] for p, k in zip(prompts, kept)], self.pad_id, self.device)
         filler = torch.full((len(prompts), old.shape[1]), self.pad_id, dtype=torch.long, device=self.device)
-        return torch.cat([filler, new_ids], 1), torch.cat([old, new_mask], 1), cache.past_key_values
+        return torch.cat([filler, new_ids], 1), torch.cat([old, new_mask], 1), cache.key_values
 
     def _last_step(self, out, prompt_mask: torch.Tensor) -> tuple[list[float], GenerationCache]:
         """One more decode step on `generate`'s KV cache (which holds every position but the last sampled token):
@@ -302,10 +302,10 @@ class HFSampler:
         # The whole batch takes the step (rows that stopped earlier feed padding, masked out by later users).
         logits = self.model(
             input_ids=out.sequences[:, -1:], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-            past_key_values=out.past_key_values, use_cache=True,
+            cache=out.cache, use_cache=True,
         ).logits[:, -1]
         end = torch.full((logits.shape[0],), self.end_id, dtype=torch.long, device=logits.device)
-        return _token_logprobs(logits, end).tolist(), GenerationCache(out.past_key_values, mask)
+        return _token_logprobs(logits, end).tolist(), GenerationCache(out.cache, mask)
 
 
 def require_vllm() -> None:
