@@ -1,7 +1,7 @@
 """Small synthetic rollout datasets in the exact schema of `trialign.rollout.schema`, for tests.
 
 `write_synthetic_rollout(path, ...)` writes what `python -m trialign rollout` writes: Parquet shards ``*.parquet``
-(through HF `datasets`, with the schema's features) plus ``manifest.json`` (``schema_version``, ``group_ids``, ...).
+(through HF `datasets`, with the schema's features) plus ``manifest.json`` (through `trialign.rollout.manifest`, as the rollout writes it).
 `synthetic_rows` and `write_rollout_rows` are the two halves, so a test can damage rows before writing them.
 
 Texts are varied on purpose (leading spaces, newlines, digits, punctuation, an accented letter) so tokenization
@@ -11,13 +11,13 @@ round trips are tested on more than plain ASCII words. Numbers are consistent: `
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from trialign.rollout.schema import SCHEMA_VERSION, features
+from trialign.rollout.manifest import RolloutManifest, ShardEntry, write_manifest
+from trialign.rollout.schema import features
 
 USER_KINDS_AFTER_FIRST = ("challenge", "reexplain", "reminder")
 _WORDS = ("the", "answer", "is", "clearly", "because", "we", "know", "that", "facts", "café", "2", "+", "3", "=",
@@ -127,7 +127,8 @@ def write_rollout_rows(
     manifest: dict[str, Any] | None = None,
     typed: bool = True,
 ) -> Path:
-    """Write `rows` as `shards` Parquet files (contiguous slices) and a manifest (skipped when `group_ids` is None).
+    """Write `rows` as `shards` Parquet files (contiguous slices) and a manifest (skipped when `group_ids` is None)
+    through `trialign.rollout.manifest`, as the rollout does; `manifest` overrides fields of `RolloutManifest`.
 
     `typed=True` writes through HF `datasets` with the schema's features, as the rollout does; `typed=False` lets
     pyarrow infer types (so a test can write a wrong type or leave a column out)."""
@@ -150,10 +151,11 @@ def write_rollout_rows(
             pq.write_table(pa.Table.from_pylist(part), out / name)
         names.append(name)
     if group_ids is not None:
-        info = {"schema_version": SCHEMA_VERSION, "group_ids": list(group_ids), "num_items": len(rows),
-                "model": "synthetic", "shards": names}
-        info.update(manifest or {})
-        (out / "manifest.json").write_text(json.dumps(info, indent=2))
+        ids = [[row["item_id"] for row in rows[bounds[s]: bounds[s + 1]]] for s in range(len(names))]
+        fields = {"config": {}, "model_source": "synthetic", "group_ids": list(group_ids), "num_files": len(names),
+                  "counts": {"items": len(rows), "states": 0, "groups": len(group_ids)}, "complete": True,
+                  "shards": [ShardEntry(s, name, len(i), i) for s, (name, i) in enumerate(zip(names, ids))]}
+        write_manifest(out, RolloutManifest(**{**fields, **(manifest or {})}))
     return out
 
 

@@ -220,7 +220,7 @@ def test_manifest_describes_the_dataset(dataset, tiny_model_dir):
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["complete"] is True
     assert manifest["group_ids"] == GROUP_IDS and manifest["reference_group"] == "neutral"
-    assert manifest["counts"] == {"items": 3, "groups": 3, "samples": 2, "turns": 2, "episodes": 18,
+    assert manifest["counts"] == {"items": 3, "states": 0, "groups": 3, "samples": 2, "turns": 2, "episodes": 18,
                                   "assistant_turns": 36}
     assert manifest["model"] == {"source": tiny_model_dir,
                                  "weights_fingerprint": weights_fingerprint(load_model(tiny_model_dir))}

@@ -326,13 +326,14 @@ class Experiment:
         """sha256 of the model weights (from the rollout manifest), the rollout shards and every config file."""
         from trialign.fileio import sha256_file
 
+        from trialign.rollout.manifest import read_manifest
+
         found: dict[str, Any] = {}
-        manifest_path = self.out / "rollout" / "manifest.json"
-        if manifest_path.is_file():
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            found["model_weights"] = (manifest.get("model") or {}).get("weights_fingerprint")
-            found["rollout_shards"] = {entry["file"]: sha256_file(self.out / "rollout" / entry["file"])
-                                       for entry in manifest.get("shards", [])}
+        manifest = read_manifest(self.out / "rollout")
+        if manifest is not None:
+            found["model_weights"] = manifest.weights_fingerprint
+            found["rollout_shards"] = {entry.file: sha256_file(self.out / "rollout" / entry.file)
+                                       for entry in manifest.shards}
         files = [self.config.rollout_config, *self.config.methods.values()]
         found["config_files"] = {path: sha256_file(path) for path in files}
         return found

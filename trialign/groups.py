@@ -47,6 +47,15 @@ def is_valid_group_id(text: Any) -> bool:
     return isinstance(text, str) and text.replace("_", "").replace("-", "").isalnum()
 
 
+def check_group_ids(ids: Sequence[Any], where: str) -> None:
+    """Refuse group ids that break `GROUP_ID_RULE` (they name folders later, so a path in data or config cannot
+    leave the run folder): a one-line error naming `where` and the first bad id."""
+    bad = [g for g in ids if not is_valid_group_id(g)]
+    if bad:
+        raise TriAlignError(f"{where}: group id {bad[0]!r} must be {GROUP_ID_RULE} (group ids name folders, so "
+                            "they cannot hold a path)")
+
+
 @dataclass(frozen=True)
 class Group:
     """A social group: one agent, with its persona texts and verifiable preferences."""

@@ -59,11 +59,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trialign.datamodules.collate import TrajectoryCollator
 from trialign.errors import TriAlignError
-from trialign.rollout.schema import SCHEMA_VERSION, answer_columns, features
+from trialign.groups import check_group_ids
+from trialign.rollout.manifest import MANIFEST as MANIFEST_NAME, read_manifest
+from trialign.rollout.schema import answer_columns, features
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 NONFINITE_SKIP_FIELDS = ("reward", "ret", "behavior_logprob")
 """Turn fields whose NaN/Inf makes the whole item skipped."""
 _LIST_SEGMENTS = {"list", "element", "item", "array", "bag", "array_element"}  # Parquet's list encoding levels
@@ -134,29 +135,6 @@ def check_file_schema(path: str | Path, schema) -> None:
         raise TriAlignError(f"rollout file {path}: missing columns {', '.join(missing)}")
     if wrong:
         raise TriAlignError(f"rollout file {path}: wrong column types: {'; '.join(wrong)}")
-
-
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise TriAlignError(f"{path}: not valid JSON ({err})")
-    if not isinstance(manifest, dict):
-        raise TriAlignError(f"{path}: expected a JSON object")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise TriAlignError(f"{path}: schema_version {version!r}, expected {SCHEMA_VERSION} (re-run the rollout with "
-                            "this version of trialign)")
-    ids = manifest.get("group_ids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(g, str) and g for g in ids):
-        raise TriAlignError(f"{path}: group_ids must be a non-empty list of group id strings, got {ids!r}")
-    _check_group_ids(ids, f"{path} group_ids")
-    if len(set(ids)) != len(ids):
-        raise TriAlignError(f"{path}: group_ids has duplicates: {ids}")
-    return manifest
 
 
 def _leaf_columns(parquet_file, wanted: set[str]) -> list[str]:
@@ -283,8 +261,8 @@ def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> R
     """Check a rollout folder (see the module docstring for every check) and index its items."""
     files = rollout_files(data_dir)
     folder = Path(data_dir).expanduser()
-    manifest = _read_manifest(folder)
-    reference = list(manifest["group_ids"]) if manifest else None
+    manifest = read_manifest(folder)
+    reference = list(manifest.group_ids) if manifest else None
     source = f"{folder / MANIFEST_NAME} group_ids" if manifest else "the first row's groups"
     item_ids: list[str] = []
     seen: dict[str, Path] = {}
@@ -304,7 +282,7 @@ def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> R
                 raise TriAlignError(f"{where}: has no groups")
             if reference is None:
                 reference = list(row_groups)
-                _check_group_ids(reference, f"{where}: groups.group")
+                check_group_ids(reference, f"{where}: groups.group")
             if len(set(row_groups)) != len(row_groups) or set(row_groups) != set(reference):
                 missing = sorted(set(reference) - set(row_groups))
                 unexpected = sorted(set(row_groups) - set(reference))
@@ -337,16 +315,6 @@ def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> R
         raise TriAlignError(f"data.data_dir '{data_dir}': every item has a NaN/Inf reward, return or behavior "
                             "log-prob; nothing left to train on")
     return RolloutIndex(str(data_dir), [str(p) for p in files], reference, item_ids, skipped, samples, max_turns)
-
-
-def _check_group_ids(ids: Sequence[Any], where: str) -> None:
-    """Group ids read from data name folders later (per-group adapters): refuse any that could leave them."""
-    from trialign.groups import GROUP_ID_RULE, is_valid_group_id
-
-    bad = [g for g in ids if not is_valid_group_id(g)]
-    if bad:
-        raise TriAlignError(f"{where}: group id {bad[0]!r} must be {GROUP_ID_RULE} (group ids name folders, so "
-                            "they cannot hold a path)")
 
 
 def _check_answer(where: str, scan: _FileScan, r: int) -> None:
@@ -536,8 +504,8 @@ def task_probe_rows(data_dir: str | Path, group_names: Sequence[str], exclude: S
     from trialign.prompts import build_messages, resolve_system_prompt
     from trialign.tasks import load_task
 
-    manifest = _read_manifest(Path(data_dir).expanduser())
-    settings = (manifest or {}).get("config")
+    manifest = read_manifest(data_dir)
+    settings = manifest.config if manifest else None
     needed = ("groups", "expression", "system_prompt")
     if not isinstance(settings, dict) or any(key not in settings for key in needed):
         raise TriAlignError(f"data.val_task: {Path(data_dir) / MANIFEST_NAME} does not record how the rollout asked "

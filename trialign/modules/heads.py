@@ -8,16 +8,13 @@ returns themselves and no group starts with a large arbitrary baseline.
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from trialign.errors import TriAlignError
-
-_VALID_NAME = re.compile(r"^[^.\s]+$")
-
+from trialign.groups import check_group_ids
 
 class ValueHead(nn.Module):
     """A linear value head V(s) = w·h + b on a hidden state h.
@@ -58,9 +55,7 @@ class GroupValueHeads(nn.Module):
             raise TriAlignError("group_names: expected at least one group name, got an empty list")
         if len(set(names)) != len(names):
             raise TriAlignError(f"group_names: expected unique names, got {names}")
-        bad = [n for n in names if not isinstance(n, str) or not _VALID_NAME.match(n)]
-        if bad:
-            raise TriAlignError(f"group_names: names must be non-empty strings without '.' or spaces, got {bad}")
+        check_group_ids(names, "group_names")
         self.group_names = names
         self.heads = nn.ModuleDict({name: ValueHead(hidden_size, init_std) for name in names})
 

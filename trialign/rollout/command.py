@@ -32,8 +32,9 @@ from trialign.config_io import build_dataclass, collect_settings, settings_parse
 from trialign.errors import TriAlignError, require
 from trialign.prompts import resolve_system_prompt
 from trialign.rollout.config import RUN_FIELDS, RolloutConfig, config_differences
-from trialign.rollout.schema import SCHEMA_VERSION, features
-from trialign.rollout.storage import DATA_FILES, MANIFEST_FORMAT, DatasetFolder, shard_name
+from trialign.rollout.schema import features
+from trialign.rollout.manifest import DATA_FILES, RolloutManifest, ShardEntry
+from trialign.rollout.storage import DatasetFolder, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -72,26 +73,14 @@ def _launch_id(config: RolloutConfig) -> str:
     return f"process:{uuid.uuid4().hex}"
 
 
-def _new_manifest(config: RolloutConfig, launch_id: str, items, groups, num_files: int) -> dict[str, Any]:
+def _new_manifest(config: RolloutConfig, launch_id: str, items, groups, num_files: int) -> RolloutManifest:
     episodes = len(items) * len(groups) * config.samples
-    return {
-        "format": MANIFEST_FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "config": config.content(),
-        "model": {"source": config.model, "weights_fingerprint": None},
-        "seed": config.seed,
-        "task": config.task,
-        "group_ids": [g.id for g in groups],
-        "reference_group": next((g.id for g in groups if g.reference), None),
-        "counts": {"items": len(items), "groups": len(groups), "samples": config.samples, "turns": config.turns,
-                   "episodes": episodes, "assistant_turns": episodes * config.turns},
-        "num_files": num_files,
-        "data_files": DATA_FILES,
-        "shards": [],
-        "complete": False,
-        "launch_id": launch_id,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    return RolloutManifest(
+        config=config.content(), model_source=config.model, seed=config.seed, task=config.task,
+        group_ids=[g.id for g in groups], reference_group=next((g.id for g in groups if g.reference), None),
+        counts={"items": len(items), "states": 0, "groups": len(groups), "samples": config.samples,
+                "turns": config.turns, "episodes": episodes, "assistant_turns": episodes * config.turns},
+        num_files=num_files, launch_id=launch_id)
 
 
 def _prepare_folder(folder: DatasetFolder, config: RolloutConfig, items, groups, num_files: int) -> None:
@@ -100,7 +89,7 @@ def _prepare_folder(folder: DatasetFolder, config: RolloutConfig, items, groups,
     folder.ensure_writable()
     with folder.locked():
         manifest = folder.read_manifest()
-        same_launch = manifest is not None and manifest.get("launch_id") == launch_id
+        same_launch = manifest is not None and manifest.launch_id == launch_id
         if config.overwrite and not same_launch:
             folder.remove_dataset()
             manifest = None
@@ -110,10 +99,7 @@ def _prepare_folder(folder: DatasetFolder, config: RolloutConfig, items, groups,
                                 f"replace them or choose another output folder")
             folder.write_manifest(_new_manifest(config, launch_id, items, groups, num_files))
             return
-        differences = config_differences(manifest.get("config", {}), config.content())
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            differences.insert(0, f"schema_version: {manifest.get('schema_version')!r} in the dataset, "
-                                  f"{SCHEMA_VERSION} now")
+        differences = config_differences(manifest.config, config.content())
         require(not differences, f"output {folder.path}: holds a dataset made with different settings "
                                  f"({'; '.join(differences)}); pass --overwrite to replace it or choose another output")
 
@@ -121,28 +107,27 @@ def _prepare_folder(folder: DatasetFolder, config: RolloutConfig, items, groups,
 def _record_shards(folder: DatasetFolder, fingerprint: str | None, new: dict[int, list[str]] | None = None):
     """Add shard entries (index -> item ids) to the manifest, plus any complete shard files it does not list."""
 
-    def change(manifest):
+    def change(manifest: RolloutManifest | None) -> RolloutManifest:
         require(manifest is not None, f"output {folder.path}: manifest.json disappeared during the run")
-        stored = manifest["model"].get("weights_fingerprint")
+        stored = manifest.weights_fingerprint
         if fingerprint is not None:
-            source = manifest["model"]["source"]
             require(stored in (None, fingerprint),
-                    f"output {folder.path}: the dataset was made with other weights of model '{source}' "
-                    f"(weights_fingerprint {str(stored)[:12]}... in the dataset, {fingerprint[:12]}... now); "
-                    f"pass --overwrite to replace it")
-            manifest["model"]["weights_fingerprint"] = fingerprint
-        total = manifest["num_files"]
-        entries = {s["index"]: s for s in manifest["shards"]}
+                    f"output {folder.path}: the dataset was made with other weights of model "
+                    f"'{manifest.model_source}' (weights_fingerprint {str(stored)[:12]}... in the dataset, "
+                    f"{fingerprint[:12]}... now); pass --overwrite to replace it")
+            manifest.weights_fingerprint = fingerprint
+        total = manifest.num_files
+        entries = {s.index: s for s in manifest.shards}
         for index, ids in (new or {}).items():
-            entries[index] = {"index": index, "file": shard_name(index, total), "items": len(ids), "item_ids": ids}
+            entries[index] = ShardEntry(index, shard_name(index, total), len(ids), ids)
         for index, (name_total, path) in folder.shard_files().items():
             if name_total == total and index not in entries:
                 import pyarrow.parquet as pq
 
                 ids = pq.read_table(path, columns=["item_id"]).column("item_id").to_pylist()
-                entries[index] = {"index": index, "file": path.name, "items": len(ids), "item_ids": ids}
-        manifest["shards"] = [entries[i] for i in sorted(entries)]
-        manifest["complete"] = len(entries) == total
+                entries[index] = ShardEntry(index, path.name, len(ids), ids)
+        manifest.shards = [entries[i] for i in sorted(entries)]
+        manifest.complete = len(entries) == total
         return manifest
 
     return folder.update_manifest(change)
@@ -171,7 +156,7 @@ def _make_sampler(config: RolloutConfig, model, tokenizer):
                        gpu_memory_utilization=config.vllm_gpu_memory_utilization)
 
 
-def rollout(config: RolloutConfig) -> dict[str, Any]:
+def rollout(config: RolloutConfig) -> RolloutManifest:
     """Generate (or resume) the dataset described by `config`; returns the manifest."""
     from trialign.groups import load_groups, select_groups
     from trialign.rollout.sampler import require_vllm
@@ -218,7 +203,7 @@ def rollout(config: RolloutConfig) -> dict[str, Any]:
         torch.set_num_threads(threads)  # the caller's setting, when called in-process
 
 
-def _generate(config, folder, items, groups, chunks, mine, todo) -> dict[str, Any]:
+def _generate(config, folder, items, groups, chunks, mine, todo) -> RolloutManifest:
     from tqdm.auto import tqdm
 
     from trialign.backbone import load_model_and_tokenizer, weights_fingerprint
@@ -259,13 +244,13 @@ def _generate(config, folder, items, groups, chunks, mine, todo) -> dict[str, An
     return manifest
 
 
-def _report(config: RolloutConfig, manifest: dict[str, Any], folder: DatasetFolder, written: int, tokens: int,
+def _report(config: RolloutConfig, manifest: RolloutManifest, folder: DatasetFolder, written: int, tokens: int,
             seconds: float) -> None:
     size = sum(p.stat().st_size for _, p in folder.shard_files().values())
-    state = "complete" if manifest["complete"] else f"{len(manifest['shards'])} of {manifest['num_files']} shards"
+    state = "complete" if manifest.complete else f"{len(manifest.shards)} of {manifest.num_files} shards"
     speed = f", {tokens / seconds:.0f} generated tokens/s" if seconds > 0 and tokens else ""
     print(f"rollout {folder.path}: wrote {written} shard(s) in {seconds:.0f} s{speed}; dataset {state} "
-          f"({manifest['counts']['items']} items x {manifest['counts']['groups']} groups x "
+          f"({manifest.counts['items']} items x {manifest.counts['groups']} groups x "
           f"{config.samples} samples x {config.turns} turns, {size / 1e6:.2f} MB). Load it with "
           f"datasets.load_dataset('parquet', data_files='{Path(folder.path) / DATA_FILES}')", file=sys.stdout)
 

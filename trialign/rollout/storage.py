@@ -18,25 +18,20 @@ loads every shard as one dataset (hidden temporary files never match).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from trialign.errors import TriAlignError
-from trialign.fileio import write_json_atomic
+from trialign.rollout.manifest import MANIFEST, RolloutManifest, read_manifest, write_manifest
 
 try:  # POSIX only; elsewhere concurrent writers to one folder are not supported (single processes are fine).
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "trialign-rollout"
-DATA_FILES = "shard-*.parquet"
 LOCK = ".manifest.lock"
 _SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.parquet$")
 
@@ -74,22 +69,16 @@ class DatasetFolder:
                     found[int(match.group(1))] = (int(match.group(2)), path)
         return found
 
-    def read_manifest(self) -> dict[str, Any] | None:
-        if not self.manifest_path.is_file():
-            return None
+    def read_manifest(self) -> RolloutManifest | None:
+        """The folder's manifest (`trialign.rollout.manifest`), or None; errors say how to get past them."""
         try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise TriAlignError(f"output {self.path}: {MANIFEST} is unreadable ({err}); pass --overwrite to replace "
-                                "the dataset") from None
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise TriAlignError(f"output {self.path}: {MANIFEST} is not a trialign rollout manifest; choose another "
-                                "output folder")
-        return data
+            return read_manifest(self.path)
+        except TriAlignError as err:
+            raise TriAlignError(f"output {self.path}: {err}; pass --overwrite to replace it or choose another "
+                                "output folder") from None
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        manifest = dict(manifest, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        write_json_atomic(self.manifest_path, manifest)
+    def write_manifest(self, manifest: RolloutManifest) -> None:
+        write_manifest(self.path, manifest)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -103,7 +92,7 @@ class DatasetFolder:
                 if fcntl is not None:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-    def update_manifest(self, change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> dict[str, Any]:
+    def update_manifest(self, change: Callable[[RolloutManifest | None], RolloutManifest]) -> RolloutManifest:
         """Read the manifest, apply `change`, write it back, all under the lock; returns the new manifest."""
         with self.locked():
             manifest = change(self.read_manifest())
