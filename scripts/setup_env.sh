@@ -31,16 +31,25 @@ case "$MODE" in
   *) echo "setup: unknown mode '$MODE' (expected --latest or nothing)" >&2; exit 2 ;;
 esac
 
+# Where pip took torch from (its install report), so a fallback to another source is visible.
+REPORT="$(mktemp)"
+trap 'rm -f "$REPORT"' EXIT
+source_of_torch() {
+  "$VENV/bin/python" -c 'import json, sys
+r = json.load(open(sys.argv[1]))["install"]
+print(r[0]["download_info"]["url"] if r else "the version already installed")' "$REPORT"
+}
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  echo "setup: NVIDIA GPU found: installing the default (CUDA) $TORCH_SPEC"
-  $PIP install -q --no-deps "$TORCH_SPEC"
-  echo "setup: torch from the default package index"
-elif $PIP install -q --no-deps $QUICK "$TORCH_SPEC" --index-url "$TORCH_CPU_INDEX" 2>/dev/null; then
-  echo "setup: no GPU found: torch (CPU build) from $TORCH_CPU_INDEX"
+  $PIP install -q --no-deps --report "$REPORT" "$TORCH_SPEC"
+  echo "setup: NVIDIA GPU found: $TORCH_SPEC (CUDA build) from $(source_of_torch)"
+elif $PIP install -q --no-deps $QUICK --report "$REPORT" "$TORCH_SPEC" --index-url "$TORCH_CPU_INDEX" 2>/dev/null; then
+  # pip also searches the sources configured on this machine (find-links, extra index), so say which one served.
+  echo "setup: no GPU found: $TORCH_SPEC (CPU build) from $(source_of_torch)"
 else
   # The PyTorch index is unreachable: the configured sources (PyPI, or a local wheel folder) must hold a CPU build.
-  echo "setup: $TORCH_CPU_INDEX not reachable: torch from the configured package sources"
-  $PIP install -q --no-deps "$TORCH_SPEC"
+  echo "setup: $TORCH_CPU_INDEX not reachable: $TORCH_SPEC from the configured package sources"
+  $PIP install -q --no-deps --report "$REPORT" "$TORCH_SPEC"
+  echo "setup: torch from $(source_of_torch)"
 fi
 
 if [ "$MODE" = pinned ]; then
