@@ -27,7 +27,7 @@ BBQ_COUNTS = {
 }
 COUNTS = {
     "truthfulqa_mc1": 817, "truthfulqa_mc2": 817, "truthfulqa_gen": 817, "gsm8k": 1319, "aime2024": 30,
-    "aime2025": 30, "bbq": sum(BBQ_COUNTS.values()), **BBQ_COUNTS,
+    "aime2025": 30, "bbq": sum(BBQ_COUNTS.values()), **BBQ_COUNTS, "arc_easy": 570, "arc_challenge": 299,
 }
 
 
@@ -344,12 +344,39 @@ def test_local_csv_errors(tmp_path, text, where):
     assert str(path) in str(info.value) and where in str(info.value)
 
 
+# --- ARC ----------------------------------------------------------------------------------------------------------
+
+def test_arc_digit_labels_are_normalized_to_the_right_option():
+    item = load_task("arc_easy")[8]  # NYSEDREGENTS_2014_8_10: labels "1"-"4", answerKey "1"
+    assert item.meta["source_id"] == "NYSEDREGENTS_2014_8_10"
+    assert item.options == ("obtain energy", "escape predators", "produce offspring", "excrete waste")
+    assert item.gold == 0
+    other = load_task("arc_easy")[116]  # NYSEDREGENTS_2014_8_42: answerKey "3"
+    assert other.options[other.gold] == "masses"
+
+
+def test_arc_items_with_three_and_five_options():
+    items = load_task("arc_easy")
+    three, five = items[367], items[17]
+    assert len(three.options) == 3 and three.options[three.gold] == "Skin protects the body from harmful substances."
+    assert len(five.options) == 5 and five.options[five.gold] == "Ultraviolet"  # answerKey "B"
+    assert {len(i.options) for i in load_task("arc_challenge")} == {3, 4, 5}
+
+
+def test_arc_answer_key_outside_the_labels_is_a_one_line_error():
+    from trialign.tasks.arc import arc_items
+
+    record = {"id": "x", "question": "q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"}
+    with pytest.raises(TriAlignError, match=r"^f.jsonl record 0: answerKey 'C' is not one of the labels \['A', 'B'\]$"):
+        arc_items("arc_easy", [record], "f.jsonl")
+
+
 # --- hub ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
     ("name", "dataset"),
     [("truthfulqa_mc1", "truthfulqa/truthful_qa"), ("gsm8k", "openai/gsm8k"), ("aime2024", "HuggingFaceH4/aime_2024"),
-     ("bbq_religion", "oskarvanderwal/bbq")],
+     ("bbq_religion", "oskarvanderwal/bbq"), ("arc_easy", "allenai/ai2_arc")],
 )
 def test_hub_offline_error_names_the_dataset(name, dataset):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest: no test may reach a hub

@@ -34,6 +34,9 @@ PINNED_SHA256: dict[str, str] = {
     "bbq/Religion.jsonl": "cb9555f9f3454a52cd2df85956b59bd7fcca5aa922c8527693b1164d08417616",
     "bbq/Sexual_orientation.jsonl": "2c71036b9e7584fe589c42aef32c1a42bc01b9a5e9b1b8704342630cdb08cefd",
     "bbq/LICENSE": "95df2e9564862e51d69683a899b6dcc8218d577057bdf67322880769ff85f29e",
+    "arc/ARC-Easy-validation.jsonl": "e45dbcd2d8e8235af16302f4be0dd00c5d173878c583f4dfe55b70f9df07b2f8",
+    "arc/ARC-Challenge-validation.jsonl": "c63650471eaf4c5076d9c913b77e42e10878739ec4e9e69d3a5f31210f5775a5",
+    "arc/LICENSE": "8d25df15c166f69f475e6af1e73375c3db8f8520f0da6f74b20e61f0068fb72c",
 }
 
 # Files whose hash matched, keyed by absolute path, with the (size, mtime_ns) they had when checked.

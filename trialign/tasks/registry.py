@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from trialign.errors import TriAlignError
-from trialign.tasks import aime, bbq, gsm8k, local, truthfulqa
+from trialign.tasks import aime, arc, bbq, gsm8k, local, truthfulqa
 from trialign.tasks.item import Item
 
 Loader = Callable[[str, int], list[Item]]
@@ -39,6 +39,10 @@ TASKS: dict[str, TaskSpec] = {
     "gsm8k": TaskSpec("GSM8K test: 1319 math word problems, numeric answers", gsm8k.load_local, gsm8k.load_hub),
     "aime2024": TaskSpec("AIME 2024 I+II: 30 problems, integer answers", aime.load_local, aime.load_hub),
     "aime2025": TaskSpec("AIME 2025 I+II: 30 problems, integer answers", aime.load_local, aime.load_hub),
+    "arc_easy": TaskSpec("ARC-Easy validation: 570 grade-school science questions, 3-5 options", arc.load_local,
+                         arc.load_hub),
+    "arc_challenge": TaskSpec("ARC-Challenge validation: 299 harder science questions, 3-5 options", arc.load_local,
+                              arc.load_hub),
     "bbq": TaskSpec("BBQ, six categories interleaved: 3-option questions about a context", *_BBQ),
     **{task: TaskSpec(f"BBQ {category}: 3-option questions about a context", *_BBQ)
        for task, category in bbq.CATEGORY_TASKS.items()},
