@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer
 from trialign.config_io import build_dataclass, collect_settings, settings_parser
 from trialign.errors import TriAlignError, require
+from trialign.prompts import DEFAULT_PROBE_TEMPLATE, probe_template
 from trialign.fileio import write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ class EvaluateConfig:
     """How the persona is expressed: `explicit` self-description or `implicit` cues."""
     system_prompt: str = "none"
     """`none`, `same_answer` (the training-free "same answer for everyone" baseline), or a literal prompt."""
+    probe_template: str = DEFAULT_PROBE_TEMPLATE
+    """How items are asked and where the probe reads the answer (`trialign.prompts.PROBE_TEMPLATES`); evaluate a
+    trained adapter with the template of its rollout."""
     pipeline: str = "direct"
     """`direct` (answer under the persona) or `pref_aligner` (Okite et al. 2025: a persona-free draft, then a second
     pass rewrites it in the group's style keeping the answer; needs `mode: generate`)."""
@@ -108,6 +112,7 @@ class EvaluateConfig:
                 "pipeline: pref_aligner writes a response and rewrites it, so it needs mode 'generate'")
         require(self.expression in ("explicit", "implicit"),
                 f"expression: expected 'explicit' or 'implicit', got '{self.expression}'")
+        probe_template(self.probe_template)
         require(self.batch_size > 0, f"batch_size: expected a positive integer, got {self.batch_size}")
         require(self.max_new_tokens > 0, f"max_new_tokens: expected a positive integer, got {self.max_new_tokens}")
         require(self.bootstrap >= 0, f"bootstrap: expected >= 0 resamples, got {self.bootstrap}")
@@ -156,18 +161,9 @@ class AuditRecords:
     rows: list[dict] = field(default_factory=list)
 
 
-def answer_ids(canonical: Sequence[Sequence[str]]) -> np.ndarray:
-    """Map each item's canonical answer strings to small ints (same string -> same id, per item)."""
-    ids = np.zeros((len(canonical), len(canonical[0]) if canonical else 0), dtype=np.int64)
-    for i, answers in enumerate(canonical):
-        table: dict[str, int] = {}
-        for g, answer in enumerate(answers):
-            ids[i, g] = table.setdefault(answer, len(table))
-    return ids
-
-
 def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress: bool = True) -> AuditRecords:
     """Ask every item under every group's persona and read the answers with the probe."""
+    from trialign.comparison import records_from_rows
     from trialign.generation import generate_texts
     from trialign.preferences import preference_score
     from trialign.probe import AnswerProbe, render_context
@@ -175,8 +171,10 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     from trialign.prompts import build_messages, build_rewrite_messages, resolve_system_prompt
 
     system_prompt = resolve_system_prompt(config.system_prompt)
+    template = probe_template(config.probe_template)
     pairs = [(item, group) for item in items for group in groups]
-    messages = [build_messages(item, group, expression=config.expression, system_prompt=system_prompt)
+    messages = [build_messages(item, group, expression=config.expression, system_prompt=system_prompt,
+                               template=template)
                 for item, group in pairs]
     responses: list[str | None] = [None] * len(pairs)
 
@@ -190,7 +188,8 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
         # Pass 1: one persona-free draft per item (the reference group's prompt); pass 2: each persona rewrites it.
         neutral = Group(id="draft", name="persona-free draft", reference=True)
         drafts = dict(zip([item.id for item in items],
-                          generate([build_messages(item, neutral, system_prompt=system_prompt) for item in items])))
+                          generate([build_messages(item, neutral, system_prompt=system_prompt, template=template)
+                                    for item in items])))
         rewrite = [k for k, (_, group) in enumerate(pairs) if not group.reference]
         rewritten = generate([build_rewrite_messages(pairs[k][0], pairs[k][1], drafts[pairs[k][0].id],
                                                      expression=config.expression, system_prompt=system_prompt)
@@ -200,9 +199,10 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
             responses[k] = text
     elif config.mode == "generate":
         responses = list(generate(messages))
-    contexts = [render_context(tokenizer, m, response=r) for m, r in zip(messages, responses)]
+    contexts = [render_context(tokenizer, m, response=r, answer_prefix=template.answer_prefix)
+                for m, r in zip(messages, responses)]
     probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size)
-    n, g = len(items), len(groups)
+    g = len(groups)
     # Probe group by group: contexts of one group share their persona prefix, which the probe runs once per batch.
     order = sorted(range(len(pairs)), key=lambda k: (k % g, k // g))
     results: list = [None] * len(pairs)
@@ -215,24 +215,24 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
                 results[k] = result
             bar.update(len(part))
 
-    correct = np.array([r.correct for r in results], dtype=bool).reshape(n, g)
-    canonical = [[item.canonical_answer(results[i * g + j].answer) for j in range(g)] for i, item in enumerate(items)]
-    pers = np.zeros((n, g), dtype=np.float64)
     rows = []
-    for k, ((item, group), result, response) in enumerate(zip(pairs, results, responses)):
-        if response is not None:
-            pers[k // g, k % g] = preference_score(response, group.preferences)
+    for (item, group), result, response in zip(pairs, results, responses):
         rows.append({
-            "item_id": item.id, "group": group.id, "answer": result.answer, "correct": bool(result.correct),
-            "gold": item.gold, "personalization": float(pers[k // g, k % g]) if response is not None else None,
+            "item_id": item.id, "group": group.id, "answer": result.answer,
+            "canonical": item.canonical_answer(result.answer), "correct": bool(result.correct), "gold": item.gold,
+            "personalization": float(preference_score(response, group.preferences)) if response is not None else None,
             "option_logprobs": [round(x, 4) for x in result.option_logprobs],
             "response": response,
             **({"draft": drafts[item.id]} if drafts else {}),
         })
+    # The arrays come from the rows through the one reader of per_item.jsonl (the report's paired differences
+    # read the same rows back).
+    arrays = records_from_rows(rows, [grp.id for grp in groups])
     reference = next((grp.id for grp in groups if grp.reference), None)
     return AuditRecords(
-        group_names=[grp.id for grp in groups], reference=reference, correct=correct,
-        answers=answer_ids(canonical), personalization=pers, utility=correct + config.alpha * pers, rows=rows,
+        group_names=arrays.group_names, reference=reference, correct=arrays.correct, answers=arrays.answers,
+        personalization=arrays.personalization, utility=arrays.correct + config.alpha * arrays.personalization,
+        rows=rows,
     )
 
 
@@ -269,7 +269,8 @@ def add_group_means(metrics: dict[str, dict[str, float]], records: AuditRecords,
     from trialign.stats import bootstrap_ci
 
     data = {"correct": records.correct.astype(np.float64), "pers": records.personalization}
-    stat = lambda a: {"acc_mean": a["correct"].mean(axis=(-1, -2)), "personalization_mean": a["pers"].mean(axis=(-1, -2))}  # noqa: E731
+    stat = lambda a: {"acc_mean": a["correct"].mean(axis=(-1, -2)),
+                      "personalization_mean": a["pers"].mean(axis=(-1, -2))}
     if n_resamples > 0:
         for k, (p, lo, hi) in bootstrap_ci(stat, data, n_resamples=n_resamples, seed=seed, vectorized=True).items():
             metrics[k] = {"value": p, "ci_low": lo, "ci_high": hi}

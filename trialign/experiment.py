@@ -167,10 +167,17 @@ class Experiment:
         self.task = self.rollout_values.get("task", "truthfulqa_mc1")
         require(self.task != "local", "rollout_config: a `local` task cannot be held out automatically; "
                                       "evaluate it with `trialign evaluate --task local`")
-        self.train_items = self.rollout_values.get("limit")
-        require(isinstance(self.train_items, int) and self.train_items > 0,
+        limit = self.rollout_values.get("limit")
+        require(isinstance(limit, int) and limit > 0,
                 f"rollout_config: {config.rollout_config} must set `limit` (the number of training items) so "
                 "the evaluation can use the items after them")
+        states = self.rollout_values.get("states_limit", 0)
+        self.train_items = limit + (states if isinstance(states, int) else 0)
+        """Items of the task the rollout uses (episodes, then cross-group states); evaluation starts after them."""
+        from trialign.prompts import DEFAULT_PROBE_TEMPLATE
+
+        self.template = self.rollout_values.get("probe_template", DEFAULT_PROBE_TEMPLATE)
+        """Every split asks its items as the rollout asked the training items."""
 
     # ---- state -----------------------------------------------------------------------------------------------
     @property
@@ -220,7 +227,8 @@ class Experiment:
     # ---- what runs ---------------------------------------------------------------------------------------------
     def methods(self) -> list[dict[str, Any]]:
         trained = [{"name": name, "kind": "trained", "config_file": path,
-                    "adapter": str(self.out / "train" / name / "adapter")} for name, path in self.config.methods.items()]
+                    "adapter": str(self.out / "train" / name / "adapter")}
+                   for name, path in self.config.methods.items()]
         free = [{"name": name, "kind": "training-free", "settings": TRAINING_FREE[name]}
                 for name in self.config.training_free]
         return trained + free
@@ -228,7 +236,7 @@ class Experiment:
     def splits(self) -> dict[str, dict[str, Any]]:
         """Evaluate settings of each split (before the method's own)."""
         c = self.config
-        held_out = {"task": self.task, "offset": self.train_items}
+        held_out = {"task": self.task, "offset": self.train_items, "probe_template": self.template}
         splits = {"main": {**held_out, "limit": c.eval_limit, "groups": c.eval_groups, "mode": "probe"}}
         if c.personalization_limit:
             splits["personalization"] = {**held_out, "limit": c.personalization_limit, "groups": c.eval_groups,
@@ -238,7 +246,7 @@ class Experiment:
                                         "mode": "probe"}
         if c.transfer_task:
             splits["transfer"] = {"task": c.transfer_task, "limit": c.transfer_limit, "groups": c.eval_groups,
-                                  "mode": "probe"}
+                                  "mode": "probe", "probe_template": self.template}
         return splits
 
     def evaluations(self) -> list[dict[str, str]]:
@@ -312,7 +320,8 @@ class Experiment:
 
         values = {**settings, **method.get("settings", {})}
         config = EvaluateConfig(
-            model=self.config.model, adapter=method.get("adapter"), output=str(self.out / "eval" / method["name"] / split),
+            model=self.config.model, adapter=method.get("adapter"),
+            output=str(self.out / "eval" / method["name"] / split),
             overwrite=True, label=method["name"], batch_size=self.config.batch_size, bootstrap=self.config.bootstrap,
             seed=self.config.seed, **values)
         evaluate(config, progress=sys.stderr.isatty())
