@@ -1,7 +1,8 @@
 """Small synthetic rollout datasets in the exact schema of `trialign.rollout.schema`, for tests.
 
 `write_synthetic_rollout(path, ...)` writes what `python -m trialign rollout` writes: Parquet shards ``*.parquet``
-(through HF `datasets`, with the schema's features) plus ``manifest.json`` (through `trialign.rollout.manifest`, as the rollout writes it).
+(through HF `datasets`, with the schema's features) plus ``manifest.json`` (through `trialign.rollout.manifest`,
+as the rollout writes it).
 `synthetic_rows` and `write_rollout_rows` are the two halves, so a test can damage rows before writing them.
 
 Texts are varied on purpose (leading spaces, newlines, digits, punctuation, an accented letter) so tokenization
@@ -56,9 +57,12 @@ def synthetic_rows(
     free_form: int = 0,
     alpha: float = 0.5,
     gamma: float = 0.9,
+    states: int = 0,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows (one per item) and the group ids. With `with_options`, the last `free_form` items are free-form
-    (numeric); without it, every item is free-form."""
+    (numeric); without it, every item is free-form. The last `states` items are cross-group state rows (kind
+    "state": each group's s_0 and a probe reading there, no episodes); their values come from a generator of their
+    own, so adding states leaves the other rows unchanged."""
     rng = np.random.default_rng(seed)
     names = _group_names(groups)
     rows = []
@@ -76,9 +80,17 @@ def synthetic_rows(
             question = f"What is {gold_text} times 1?"
             shown = question
         group_rows = []
+        is_state = i >= items - states
+        state_rng = np.random.default_rng([seed, i, 7])
         for g, name in enumerate(names):
             episodes = []
-            for k in range(samples):
+            first_user = shown if name == "reference" else f"I am a member of {name}.\n\n{shown}"
+            logliks = [float(-state_rng.uniform(1, 20)) for _ in options]
+            picked = int(np.argmax(logliks)) if options else None
+            state = {"user": first_user, "answer": str(picked) if options else gold_text,
+                     "option_logprobs": logliks, "gold_logprob": float(-state_rng.uniform(0.1, 5)),
+                     "truth": int(picked == gold_index) if options else 1}
+            for k in range(0 if is_state else samples):
                 rewards, turn_rows = [], []
                 for t in range(turns):
                     if t == 0:
@@ -109,12 +121,13 @@ def synthetic_rows(
                 "system": "" if g % 2 == 0 else "You are a helpful assistant. Adapt your style to the user.",
                 "expression": "explicit" if g % 3 else "implicit",
                 "preferences": [] if name == "reference" else ["concise"],
+                "state": state,
                 "episodes": episodes,
             })
         rows.append({
             "item_id": f"synthetic/{i:04d}", "task": "synthetic", "question": question, "context": "",
             "options": options, "gold_index": gold_index, "correct_options": correct, "gold_text": gold_text,
-            "answer_type": answer_type, "groups": group_rows,
+            "answer_type": answer_type, "kind": "state" if is_state else "episodes", "groups": group_rows,
         })
     return rows, names
 
@@ -153,7 +166,9 @@ def write_rollout_rows(
     if group_ids is not None:
         ids = [[row["item_id"] for row in rows[bounds[s]: bounds[s + 1]]] for s in range(len(names))]
         fields = {"config": {}, "model_source": "synthetic", "group_ids": list(group_ids), "num_files": len(names),
-                  "counts": {"items": len(rows), "states": 0, "groups": len(group_ids)}, "complete": True,
+                  "counts": {"items": sum(r.get("kind") != "state" for r in rows),
+                             "states": sum(r.get("kind") == "state" for r in rows), "groups": len(group_ids)},
+                  "complete": True,
                   "shards": [ShardEntry(s, name, len(i), i) for s, (name, i) in enumerate(zip(names, ids))]}
         write_manifest(out, RolloutManifest(**{**fields, **(manifest or {})}))
     return out
@@ -175,10 +190,11 @@ def write_synthetic_rollout(
     free_form: int = 0,
     shards: int = 2,
     config: dict[str, Any] | None = None,
+    states: int = 0,
 ) -> Path:
     """A complete synthetic rollout folder at `path` (see `synthetic_rows` for the arguments); returns the folder.
     `config` adds rollout settings to the manifest's ``config`` (e.g. how personas were rendered)."""
     rows, names = synthetic_rows(items=items, groups=groups, samples=samples, turns=turns, seed=seed,
-                                 with_options=with_options, free_form=free_form)
+                                 with_options=with_options, free_form=free_form, states=states)
     return write_rollout_rows(path, rows, names, shards=shards,
                               manifest={"seed": seed, "config": {"samples": samples, "turns": turns, **(config or {})}})

@@ -240,6 +240,35 @@ def test_two_ranks_get_disjoint_items_with_all_their_groups(rollout_dir):
             assert set(per_rank[0] + per_rank[1]) <= set(items)
 
 
+def test_states_mix_with_episode_items_deterministically_and_by_item_across_ranks(tmp_path):
+    """Cross-group state rows are items like the others: each epoch's seeded permutation mixes both kinds, the same
+    for a seed, dealt to ranks by item (all groups of a state on one rank), and a state row yields probe rows only."""
+    data = str(write_synthetic_rollout(tmp_path / "states", items=10, groups=3, samples=2, turns=2, states=6,
+                                       shards=2))
+    module = GroupTrajectoryDataModule(data, EMBEDDED, batch_size=2, seed=4, val_fraction=0.0)
+    assert module.index.state_item_ids == [f"synthetic/{i:04d}" for i in range(4, 10)]
+    states = set(module.index.state_item_ids)
+    first = _item_batches(module.make_dataloader("train"), 0)
+    assert sorted(i for b in first for i in b) == sorted(module.index.item_ids)
+    assert first == _item_batches(GroupTrajectoryDataModule(data, EMBEDDED, batch_size=2, seed=4, val_fraction=0.0)
+                                  .make_dataloader("train"), 0)
+    assert first != _item_batches(module.make_dataloader("train"), 1)
+    seen = []
+    for rank in (0, 1):
+        loader = module.make_dataloader("train", rank=rank, world_size=2)
+        loader.set_epoch(0)
+        for batch in loader:
+            ids = batch["item_ids"]
+            assert batch["has_episodes"].tolist() == [i not in states for i in ids]
+            probed = set(zip(batch["probe_index"][:, 0].tolist(), batch["probe_index"][:, 1].tolist()))
+            assert probed == {(b, g) for b in range(len(ids)) for g in range(3)}  # every group of every item
+            if "item_index" in batch:
+                assert {ids[b] for b in batch["item_index"].tolist()} == {i for i in ids if i not in states}
+            seen.append((rank, ids))
+    per_rank = [{i for r, ids in seen if r == rank for i in ids} for rank in (0, 1)]
+    assert not per_rank[0] & per_rank[1] and len(per_rank[0]) == len(per_rank[1]) == 5
+
+
 def test_workers_yield_the_same_batches(rollout_dir):
     serial = GroupTrajectoryDataModule(rollout_dir, EMBEDDED, batch_size=2, seed=1)
     parallel = GroupTrajectoryDataModule(rollout_dir, EMBEDDED, batch_size=2, seed=1, num_workers=2)
@@ -290,7 +319,8 @@ def test_validation_probes_task_items_asked_as_the_rollout_asked(persona_rollout
         assert batch["probe_input_ids"][m][real & ~continuation].tolist() == context_ids[0]
         assert batch["probe_input_ids"][m][continuation].tolist() == continuation_ids[0][o]
     assert batch["gold_index"].tolist() == [items[i].gold for i in batch["item_ids"]]
-    assert batch["correct_options"][0].nonzero().flatten().tolist() == list(items["truthfulqa_mc1/0000"].correct_options)
+    assert batch["correct_options"][0].nonzero().flatten().tolist() == \
+        list(items["truthfulqa_mc1/0000"].correct_options)
     assert bool(batch["has_options"].all())
     # Two ranks: disjoint task items, all of them; each loader's length is what it yields.
     per_rank = []
@@ -307,7 +337,8 @@ def test_validation_probes_task_items_asked_as_the_rollout_asked(persona_rollout
     ({"val_task": "truthfulqa_mc1", "val_limit": 0}, AS_ROLLOUT, "data.val_limit: expected a positive number"),
     ({"val_task": "truthfulqa_mc1", "val_offset": -1}, AS_ROLLOUT, "data.val_offset: expected 0 or more"),
     ({"val_task": "no_such_task"}, AS_ROLLOUT, "data.val_task: task: unknown task 'no_such_task'"),
-    ({"val_task": "truthfulqa_mc1", "val_offset": 10_000}, AS_ROLLOUT, "data.val_task: task truthfulqa_mc1 has no items"),
+    ({"val_task": "truthfulqa_mc1", "val_offset": 10_000}, AS_ROLLOUT,
+     "data.val_task: task truthfulqa_mc1 has no items"),
     ({"val_task": "truthfulqa_mc1"}, {"samples": 1}, "does not record how the rollout asked its items"),
     ({"val_task": "truthfulqa_mc1"}, {**AS_ROLLOUT, "groups": "heldout"}, "data.val_task: the rollout's groups"),
 ])
@@ -404,8 +435,16 @@ def test_other_row_errors(tmp_path):
     rows, groups = synthetic_rows(items=2)
     path = _write(tmp_path / "manifest", rows, groups)
     manifest = json.loads((tmp_path / "manifest" / "manifest.json").read_text())
-    (tmp_path / "manifest" / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
-    assert "manifest.json: schema_version 99, expected 1" in _error(path)
+    (tmp_path / "manifest" / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
+    # A dataset from before cross-group states (schema 1) is refused in one line that says what to do.
+    assert "manifest.json: schema_version 1, expected 2 (the dataset was written by another version of trialign: " \
+           "re-run the rollout with --overwrite)" in _error(path)
+    rows, groups = synthetic_rows(items=3, states=1)
+    rows[0]["kind"] = "trajectory"
+    assert "kind 'trajectory', expected one of episodes, state" in _error(_write(tmp_path / "kind", rows, groups))
+    rows, groups = synthetic_rows(items=3, states=1)
+    rows[2]["groups"][0]["episodes"] = rows[0]["groups"][0]["episodes"]
+    assert "a 'state' row holds episodes; expected none" in _error(_write(tmp_path / "state", rows, groups))
 
 
 def test_module_argument_errors(rollout_dir):

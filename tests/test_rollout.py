@@ -26,10 +26,14 @@ from trialign.tasks import load_task
 
 GROUP_IDS = ["neutral", "retired_farmer", "teenager"]
 ITEMS, SAMPLES, TURNS = 3, 2, 2
+STATES = 3
+"""Cross-group states after the episode items: shards 0-1 hold episodes (2 + 1 items), shards 2-3 states (2 + 1)."""
+SHARDS = [f"shard-{i:05d}-of-00004.parquet" for i in range(4)]
 
 
 def base_args(model_dir: str, output: Path, *extra: str) -> list[str]:
     return ["--model", model_dir, "--task", "truthfulqa_mc1", "--limit", str(ITEMS), "--items-per-shard", "2",
+            "--states-limit", str(STATES), "--states-per-shard", "2",
             "--group-ids", *GROUP_IDS, "--samples", str(SAMPLES), "--turns", str(TURNS), "--max-new-tokens", "8",
             "--temperature", "1.5", "--alpha", "0.5", "--gamma", "0.8", "--no-progress", "--output", str(output),
             *extra]
@@ -72,7 +76,7 @@ def assert_same_rows(a: list[dict], b: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def dataset(tiny_model_dir, tmp_path_factory):
-    """One uninterrupted run: 3 items (2 shards) x 3 groups x 2 samples x 2 turns."""
+    """One uninterrupted run: 3 items (2 shards) x 3 groups x 2 samples x 2 turns, and 3 state items (2 shards)."""
     out = tmp_path_factory.mktemp("rollout") / "full"
     assert main(base_args(tiny_model_dir, out)) == 0
     return out
@@ -84,7 +88,9 @@ def test_rows_have_every_group_sample_and_turn(dataset):
     rows = load_rows(dataset)
     items = load_task("truthfulqa_mc1", limit=ITEMS)
     groups = {g.id: g for g in load_groups("default")}
-    assert [r["item_id"] for r in rows] == [i.id for i in items]
+    assert [r["item_id"] for r in rows[:ITEMS]] == [i.id for i in items]
+    assert [r["kind"] for r in rows] == ["episodes"] * ITEMS + ["state"] * STATES
+    rows = rows[:ITEMS]
     for row, item in zip(rows, items):
         assert row["options"] == list(item.options) and row["gold_index"] == item.gold
         assert row["gold_text"] == item.options[item.gold] and row["answer_type"] == "option"
@@ -94,6 +100,7 @@ def test_rows_have_every_group_sample_and_turn(dataset):
             assert entry["preferences"] == list(group.preferences) and entry["expression"] == "explicit"
             assert [e["sample"] for e in entry["episodes"]] == list(range(SAMPLES))
             first_user = build_messages(item, group)[-1]["content"]
+            assert entry["state"]["user"] == first_user
             for episode in entry["episodes"]:
                 turns = episode["turns"]
                 assert len(turns) == TURNS
@@ -213,6 +220,48 @@ def test_sampler_shares_prompts_and_continues_the_previous_turn(tiny_model, embe
                                                    [others[r] for r in rows]), abs=1e-3)
 
 
+def test_state_rows_hold_the_behavior_probe_at_s0(dataset, tiny_model_dir, embedded_tokenizer):
+    """A state's stored reading equals `AnswerProbe` on the same context (s_0 under the group's persona, the
+    template's answer prefix); the states are the items after the episodes' in the task's order."""
+    from trialign.backbone import load_model
+    from trialign.probe import AnswerProbe, render_context
+    from trialign.prompts import DEFAULT_PROBE_TEMPLATE, PROBE_TEMPLATES
+
+    rows = load_rows(dataset)
+    items = load_task("truthfulqa_mc1", limit=ITEMS + STATES)
+    states = [r for r in rows if r["kind"] == "state"]
+    assert [r["item_id"] for r in states] == [i.id for i in items[ITEMS:]]
+    groups = {g.id: g for g in load_groups("default")}
+    probe = AnswerProbe(load_model(tiny_model_dir), embedded_tokenizer)
+    prefix = PROBE_TEMPLATES[DEFAULT_PROBE_TEMPLATE].answer_prefix
+    for row, item in zip(rows, [*items[:ITEMS], *items[ITEMS:]]):  # episode rows hold s_0's reading too
+        for entry in row["groups"]:
+            assert entry["episodes"] == [] if row["kind"] == "state" else len(entry["episodes"]) == SAMPLES
+            context = render_context(embedded_tokenizer, build_messages(item, groups[entry["group"]]),
+                                     answer_prefix=prefix)
+            expected = probe.score_options([context], [list(item.options)])[0]
+            state = entry["state"]
+            # Stored as float32 after a batch of contexts: equal up to that rounding, on any CPU.
+            assert state["option_logprobs"] == pytest.approx(expected.logliks, abs=1e-3)
+            assert int(state["answer"]) == expected.acc_choice
+            assert state["truth"] == int(expected.acc_choice in item.correct_options)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--states-limit", "-1"], "states_limit: expected 0 or more items, got -1"),
+    (["--states-limit", "900"], "states_limit: task truthfulqa_mc1 has 817 items, fewer than limit + states_limit "
+                                "= 903"),
+    (["--probe-template", "letters"], "probe_template: unknown template 'letters'; expected one of "),
+])
+def test_bad_state_and_template_settings_are_one_line_errors(tiny_model_dir, tmp_path, extra, expected):
+    args = base_args(tiny_model_dir, tmp_path / "out")
+    args[args.index("--states-limit"):args.index("--states-limit") + 2] = []
+    with pytest.raises(TriAlignError) as error:
+        main(args + extra)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_manifest_describes_the_dataset(dataset, tiny_model_dir):
     from trialign.backbone import load_model, weights_fingerprint
     from trialign.rollout.schema import SCHEMA_VERSION
@@ -220,14 +269,14 @@ def test_manifest_describes_the_dataset(dataset, tiny_model_dir):
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["complete"] is True
     assert manifest["group_ids"] == GROUP_IDS and manifest["reference_group"] == "neutral"
-    assert manifest["counts"] == {"items": 3, "states": 0, "groups": 3, "samples": 2, "turns": 2, "episodes": 18,
+    assert manifest["counts"] == {"items": 3, "states": 3, "groups": 3, "samples": 2, "turns": 2, "episodes": 18,
                                   "assistant_turns": 36}
     assert manifest["model"] == {"source": tiny_model_dir,
                                  "weights_fingerprint": weights_fingerprint(load_model(tiny_model_dir))}
     assert manifest["config"]["max_new_tokens"] == 8 and "output" not in manifest["config"]
-    assert [s["file"] for s in manifest["shards"]] == ["shard-00000-of-00002.parquet", "shard-00001-of-00002.parquet"]
-    assert [s["item_ids"] for s in manifest["shards"]] == [[r["item_id"] for r in load_rows(dataset)][:2],
-                                                           [r["item_id"] for r in load_rows(dataset)][2:]]
+    assert [s["file"] for s in manifest["shards"]] == SHARDS
+    ids = [r["item_id"] for r in load_rows(dataset)]
+    assert [s["item_ids"] for s in manifest["shards"]] == [ids[:2], ids[2:3], ids[3:5], ids[5:]]
 
 
 def test_streaming_load(dataset):
@@ -244,18 +293,19 @@ def test_sharded_runs_load_as_the_unsharded_dataset(dataset, tiny_model_dir, tmp
     for index in (1, 0):
         assert main(base_args(tiny_model_dir, out, "--num-shards", "2", "--shard-index", str(index))) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] and len(manifest["shards"]) == 2
+    assert manifest["complete"] and len(manifest["shards"]) == 4
     assert_same_rows(load_rows(out), load_rows(dataset))
 
 
 def test_rerun_resumes_missing_shards_only(dataset, tiny_model_dir, tmp_path):
     out = tmp_path / "resume"
     shutil.copytree(dataset, out)
-    kept = (out / "shard-00000-of-00002.parquet").read_bytes()
-    (out / "shard-00001-of-00002.parquet").unlink()
-    (out / ".shard-00001-of-00002.parquet.tmp999").write_bytes(b"half a file")  # left by a killed writer
+    kept = (out / SHARDS[0]).read_bytes()
+    (out / SHARDS[1]).unlink()
+    (out / SHARDS[3]).unlink()  # a shard of states
+    (out / f".{SHARDS[1]}.tmp999").write_bytes(b"half a file")  # left by a killed writer
     assert main(base_args(tiny_model_dir, out)) == 0
-    assert (out / "shard-00000-of-00002.parquet").read_bytes() == kept  # not regenerated
+    assert (out / SHARDS[0]).read_bytes() == kept  # not regenerated
     assert not list(out.glob(".shard-*"))
     assert_same_rows(load_rows(out), load_rows(dataset))
     before = folder_digest(out)
@@ -270,7 +320,7 @@ def test_same_seed_and_config_write_byte_identical_shards(dataset, tiny_model_di
     out = tmp_path / "again"
     assert main(base_args(tiny_model_dir, out)) == 0
     shards = sorted(p.name for p in dataset.glob("shard-*.parquet"))
-    assert len(shards) == 2 and sorted(p.name for p in out.glob("shard-*.parquet")) == shards
+    assert shards == SHARDS and sorted(p.name for p in out.glob("shard-*.parquet")) == shards
     for name in shards:
         assert (out / name).read_bytes() == (dataset / name).read_bytes(), name
     first, second = (json.loads((folder / "manifest.json").read_text()) for folder in (dataset, out))
@@ -311,9 +361,10 @@ def test_overwrite_replaces_the_dataset(dataset, tiny_model_dir, tmp_path):
     (out / "notes.txt").write_text("mine")
     args = base_args(tiny_model_dir, out, "--overwrite")
     args[args.index("--limit") + 1] = "1"
+    args[args.index("--states-limit") + 1] = "0"
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["limit"] == 1 and manifest["complete"]
+    assert manifest["config"]["limit"] == 1 and manifest["config"]["states_limit"] == 0 and manifest["complete"]
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000-of-00001.parquet"]
     assert (out / "notes.txt").read_text() == "mine"  # only the dataset's own files are replaced
 
@@ -326,7 +377,7 @@ def test_weights_differing_from_the_dataset_are_refused(dataset, tmp_path, embed
     embedded_tokenizer.save_pretrained(other)
     out = tmp_path / "weights"
     shutil.copytree(dataset, out)
-    (out / "shard-00001-of-00002.parquet").unlink()
+    (out / SHARDS[1]).unlink()
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["config"]["model"] = str(other)
     manifest["model"]["source"] = str(other)
@@ -457,11 +508,12 @@ def test_embedded_model_rollout(tmp_path, embedded_model, embedded_tokenizer):
             assert len(episode["turns"]) == 2
             messages = []
             for turn in episode["turns"]:
-                assert sum(ch.isalpha() for ch in turn["assistant"]) > 10
+                assert sum(ch.isalpha() for ch in turn["assistant"]) >= 2  # words (a short answer is fine)
                 assert turn["truth"] in (0, 1) and 0 <= turn["pers"] <= 1
                 assert -200 < turn["behavior_logprob"] < 0 and 2 <= turn["num_tokens"] <= 25
                 messages.append({"role": "user", "content": turn["user"]})
-                contexts.append(render_context(embedded_tokenizer, messages, response=turn["assistant"]))
+                contexts.append(render_context(embedded_tokenizer, messages, response=turn["assistant"],
+                                               answer_prefix="Answer:"))  # the default template's
                 messages.append({"role": "assistant", "content": turn["assistant"]})
                 turns.append(turn)
                 turn_items.append(item)

@@ -29,10 +29,12 @@ the group's first episode) with the assistant turn opened and `probe_answer_pref
 context + continuation after the context's own tokens). Free-form items have one "option": ``" " + gold_text``.
 Probe sequences are not truncated.
 
-**Probe-only rows.** Validation may also probe task items that have no episodes (`GroupTrajectoryDataModule`'s
-``val_task``): such a row carries ``probe_only: True`` and, per group, the ``system`` and first ``user`` message
-as the rollout would have written them. A batch of them holds only the probe keys, ``item_ids`` and
-``group_names`` (no episode tensors); validation reads nothing else.
+**Probe-only rows.** Rows without episodes get only probe sequences: the rollout's cross-group states (``kind:
+"state"``, the context from each group's ``state.user``) and the task items validation probes
+(`GroupTrajectoryDataModule`'s ``val_task``: ``probe_only: True`` and, per group, the ``system`` and first ``user``
+message as the rollout would have written them). A batch may mix them with episode rows: the episode tensors cover
+the episode rows (``item_index`` still counts every row of the batch), and a batch without any episode row holds
+only the probe keys, ``has_episodes``, ``item_ids`` and ``group_names``.
 
 Output of ``collator(rows)`` (B items, G groups, N episodes, T = the batch's longest episode in turns, L the longest
 episode sequence, O the most options of an item in the batch (at least 1), M probe rows, Lp the longest probe row):
@@ -61,6 +63,7 @@ option_mask              [B, O] bool  option o exists (free-form items: slot 0, 
 gold_index               [B] long     gold option index, -1 for free-form items
 correct_options          [B, O] bool  correct options (all False for free-form items)
 has_options              [B] bool     option item
+has_episodes             [B] bool     the row has episodes (False for states and probe-only rows)
 dropped_turns            [] long      turns dropped for max_length in this batch
 item_ids                 list[str]    the B item ids
 group_names              list[str]    the G group names
@@ -179,16 +182,14 @@ class TrajectoryCollator:
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not rows:
             raise TriAlignError("collator: got an empty batch")
-        probe_only = [bool(row.get("probe_only")) for row in rows]
-        if any(probe_only) and not all(probe_only):
-            raise TriAlignError("collator: a batch mixes rollout rows and probe-only rows")
+        probe_only = [bool(row.get("probe_only")) or row.get("kind") == "state" for row in rows]
         episodes: list[_Episode] = []
         probe_contexts: list[tuple[int, int, str, list[str]]] = []
         for b, row in enumerate(rows):
             options = _options_of(row)
             for g, group in enumerate(self._ordered_groups(row)):
                 if probe_only[b]:
-                    first = group["user"]
+                    first = group["user"] if row.get("probe_only") else group["state"]["user"]
                 else:
                     for episode in group["episodes"]:
                         where = f" of item {row['item_id']!r}, group {group['group']!r}, sample {episode['sample']}"
@@ -199,7 +200,8 @@ class TrajectoryCollator:
                 messages.append({"role": "user", "content": first})
                 context = render_context(self.tokenizer, messages, None, self.probe_answer_prefix)
                 probe_contexts.append((b, g, context, options))
-        batch = {} if probe_only[0] else self._episode_tensors(episodes)
+        batch = self._episode_tensors(episodes) if episodes else {}
+        batch["has_episodes"] = torch.tensor([not p for p in probe_only], dtype=torch.bool)
         batch.update(self._probe_tensors(rows, probe_contexts))
         batch["item_ids"] = [str(row["item_id"]) for row in rows]
         batch["group_names"] = list(self.group_names)

@@ -11,7 +11,8 @@ DESIGN.md "Data": the rollout writes Parquet shards with one row per item holdin
   a bad manifest, rows whose group set
   differs from the manifest's (or from the first row's when there is no manifest), groups the config does not know
   or configured groups the data lacks, a K (samples per group) that differs across groups or items, episodes
-  without turns, and option items without valid options. T may differ between episodes: the collator pads turns
+  without turns, a row kind other than "episodes"/"state" or a state row holding episodes, and option items
+  without valid options. T may differ between episodes: the collator pads turns
   and masks them (``turn_mask``).
 * **Non-finite values are skipped, not fatal.** An item with a NaN/Inf ``reward``, ``ret`` or
   ``behavior_logprob`` in any turn of any group is dropped whole (its groups must stay together), with one warning
@@ -26,6 +27,12 @@ DESIGN.md "Data": the rollout writes Parquet shards with one row per item holdin
   out each epoch, different ones each epoch). Validation: items are dealt round-robin with nothing dropped, and each
   rank splits its items into the same number of batches (``ceil(n / (world_size · B))``) so ranks stay in step;
   batches may then hold fewer than B items.
+* **Cross-group states.** Rows of kind ``"state"`` (every group's first state s_0 of an item, no episodes;
+  `trialign.rollout.schema`) are items like the others: split, shuffled and dealt to ranks by item with the episode
+  items, so each epoch's seeded permutation mixes the two kinds and a batch of B items holds both in the dataset's
+  proportion on average (deterministic for a seed; all groups of a state on one rank). The collator gives a state
+  row probe sequences only; `TriAlignModule` applies the penalty and the truth term to every row's s_0 and the
+  episode terms to the episode rows.
 * **Validation on task items.** A rollout is expensive per item, so its held-out items are few. With ``val_task``
   (e.g. the rollout's own task), validation also probes ``val_limit`` of that task's items — items the rollout did
   not use, after the first ``val_offset`` in the task's stable order — under every group's persona, asked exactly as
@@ -46,7 +53,6 @@ DESIGN.md "Data": the rollout writes Parquet shards with one row per item holdin
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -60,8 +66,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from trialign.datamodules.collate import TrajectoryCollator
 from trialign.errors import TriAlignError
 from trialign.groups import check_group_ids
+from trialign.prompts import LEGACY_PROBE_TEMPLATE, probe_template
 from trialign.rollout.manifest import MANIFEST as MANIFEST_NAME, read_manifest
-from trialign.rollout.schema import answer_columns, features
+from trialign.rollout.schema import ROW_KINDS, answer_columns, features
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +160,7 @@ class _FileScan:
     """What `scan_rollout` reads from one file, one entry per row."""
 
     item_ids: list[Any]
+    kinds: list[Any]
     answer_types: list[Any]
     num_options: list[int]
     gold_index: list[Any]
@@ -178,7 +186,7 @@ def _scan_file(path: Path) -> _FileScan:
         parquet = pq.ParquetFile(path)
         check_file_schema(path, parquet.schema_arrow)
         turn_leaves = {f"groups.episodes.turns.{name}" for name in NONFINITE_SKIP_FIELDS}
-        wanted = {"item_id", "answer_type", "options", "gold_index", "gold_text", "groups.group"} | turn_leaves
+        wanted = {"item_id", "answer_type", "kind", "options", "gold_index", "gold_text", "groups.group"} | turn_leaves
         table = parquet.read(columns=_leaf_columns(parquet, wanted))
     except (pa.ArrowException, OSError) as err:
         # A shard cut short (a copy interrupted, a full disk) or not Parquet at all; the rollout itself writes
@@ -225,6 +233,7 @@ def _scan_file(path: Path) -> _FileScan:
         np.maximum.at(max_turns, group_row[episode_group], episode_t)
     return _FileScan(
         item_ids=table.column("item_id").to_pylist(),
+        kinds=table.column("kind").to_pylist(),
         answer_types=table.column("answer_type").to_pylist(),
         num_options=lengths(table.column("options").combine_chunks()).tolist(),
         gold_index=table.column("gold_index").to_pylist(),
@@ -255,6 +264,8 @@ class RolloutIndex:
     """K, episodes per (item, group)."""
     max_turns: int = 0
     """The longest episode, in turns."""
+    state_item_ids: list[str] = field(default_factory=list)
+    """Items whose rows are cross-group states (kind "state": s_0 of every group, no episodes)."""
 
 
 def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> RolloutIndex:
@@ -267,6 +278,7 @@ def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> R
     item_ids: list[str] = []
     seen: dict[str, Path] = {}
     skipped: list[str] = []
+    state_ids: list[str] = []
     samples, max_turns = 0, 0
     for path in files:
         scan = _scan_file(path)
@@ -289,7 +301,14 @@ def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> R
                 raise TriAlignError(f"{where}: groups {row_groups} differ from {source} {reference} "
                                     f"(missing: {missing}, unexpected: {unexpected}, duplicated: "
                                     f"{sorted({g for g in row_groups if row_groups.count(g) > 1})})")
-            for name, count in zip(row_groups, scan.episodes[r]):
+            kind = scan.kinds[r]
+            if kind not in ROW_KINDS:
+                raise TriAlignError(f"{where}: kind {kind!r}, expected one of {', '.join(ROW_KINDS)}")
+            if kind == "state":
+                if any(scan.episodes[r]):
+                    raise TriAlignError(f"{where}: a 'state' row holds episodes; expected none")
+                state_ids.append(item_id)
+            for name, count in zip(row_groups, scan.episodes[r] if kind == "episodes" else []):
                 if count == 0:
                     raise TriAlignError(f"{where}: group {name!r} has no episodes")
                 samples = samples or count
@@ -314,7 +333,8 @@ def scan_rollout(data_dir: str | Path, groups: Sequence[str] | None = None) -> R
     if len(skipped) == len(item_ids):
         raise TriAlignError(f"data.data_dir '{data_dir}': every item has a NaN/Inf reward, return or behavior "
                             "log-prob; nothing left to train on")
-    return RolloutIndex(str(data_dir), [str(p) for p in files], reference, item_ids, skipped, samples, max_turns)
+    return RolloutIndex(str(data_dir), [str(p) for p in files], reference, item_ids, skipped, samples, max_turns,
+                        state_ids)
 
 
 def _check_answer(where: str, scan: _FileScan, r: int) -> None:
@@ -528,9 +548,12 @@ def task_probe_rows(data_dir: str | Path, group_names: Sequence[str], exclude: S
             continue
         row_groups = []
         for group in groups:
-            messages = build_messages(item, group, expression=settings["expression"],
-                                      show_preferences=settings.get("show_preferences", True))
-            row_groups.append({"group": group.id, "system": system, "user": messages[-1]["content"]})
+            messages = build_messages(item, group, expression=settings["expression"], system_prompt=system,
+                                      show_preferences=settings.get("show_preferences", True),
+                                      template=manifest.template)
+            first = messages[0]
+            row_groups.append({"group": group.id, "system": first["content"] if first["role"] == "system" else "",
+                               "user": messages[-1]["content"]})
         rows.append({"item_id": item.id, "probe_only": True, **answer_columns(item), "groups": row_groups})
     if not rows:
         raise TriAlignError(f"data.val_task: task {task} has no items after the first {offset} that the rollout "
@@ -592,7 +615,7 @@ class GroupTrajectoryDataModule(LightningDataModule):
         num_workers: int = 0,
         groups: list[str] | None = None,
         streaming: bool = True,
-        probe_answer_prefix: str = "Final answer:",
+        probe_answer_prefix: str | None = None,
         shuffle_buffer: int = 64,
         val_task: str | None = None,
         val_limit: int = 24,
@@ -609,7 +632,8 @@ class GroupTrajectoryDataModule(LightningDataModule):
             num_workers: DataLoader worker processes (each reads the stream; tokenization is split between them).
             groups: expected group ids; the data must have exactly these (order is taken from the data).
             streaming: stream rows from the files (True) or load them into memory (False).
-            probe_answer_prefix: text after which the answer probe scores the options.
+            probe_answer_prefix: text after which the answer probe scores the options; None (the default): the
+                answer prefix of the probe template the rollout recorded (``Final answer:`` for datasets without one).
             shuffle_buffer: rows in the streaming shuffle buffer.
             val_task: a task (as in `trialign evaluate --task`) whose items validation also probes, under every
                 group's persona rendered as the rollout rendered its own (see "Validation on task items").
@@ -686,8 +710,11 @@ class GroupTrajectoryDataModule(LightningDataModule):
     @property
     def collator(self) -> TrajectoryCollator:
         if self._collator is None:
-            self._collator = TrajectoryCollator(self.tokenizer, self.group_names, self.max_length,
-                                                self.probe_answer_prefix)
+            prefix = self.probe_answer_prefix
+            if prefix is None:
+                manifest = read_manifest(self.data_dir)
+                prefix = (manifest.template if manifest else probe_template(LEGACY_PROBE_TEMPLATE)).answer_prefix
+            self._collator = TrajectoryCollator(self.tokenizer, self.group_names, self.max_length, prefix)
         return self._collator
 
     @property

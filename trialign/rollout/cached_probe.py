@@ -1,12 +1,13 @@
 """The answer probe of `trialign.probe`, continued from the sampler's KV cache instead of run from scratch.
 
-The probe context of a turn is the conversation so far + the new message + "Final answer:" (`render_context`);
+The probe context of a turn is the conversation so far + the new message + the template's answer prefix
+(`render_context`);
 `generate` has just run the model over the conversation and the message. Re-running that context would double the
 rollout's cost on CPU, so for option items this module reuses the sampler's cache (`GenerationCache`):
 
 1. the context is tokenized as the probe tokenizes it; the longest prefix it shares with a row's cached tokens is
    kept (positions after it are masked out, so a stop token or padding fed by `generate` is not attended to);
-2. the rest of the context (usually "\\nFinal answer:") runs on top of the cache for all rows in one forward;
+2. the rest of the context (the newline and answer prefix) runs on top of the cache for all rows in one forward;
 3. every option continues that cache as in `AnswerProbe`: lm-eval's continuation tokens (`encode(context + " " +
    option)` after the context's tokens), the first token scored from the context's last logit, the others side by
    side after the context in one sequence per row, each option seeing only the context and its own tokens (a

@@ -26,11 +26,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from trialign.config_io import build_dataclass, collect_settings, settings_parser
 from trialign.errors import TriAlignError, require
-from trialign.prompts import resolve_system_prompt
+from trialign.prompts import probe_template, resolve_system_prompt
 from trialign.rollout.config import RUN_FIELDS, RolloutConfig, config_differences
 from trialign.rollout.schema import features
 from trialign.rollout.manifest import DATA_FILES, RolloutManifest, ShardEntry
@@ -73,17 +73,19 @@ def _launch_id(config: RolloutConfig) -> str:
     return f"process:{uuid.uuid4().hex}"
 
 
-def _new_manifest(config: RolloutConfig, launch_id: str, items, groups, num_files: int) -> RolloutManifest:
+def _new_manifest(config: RolloutConfig, launch_id: str, items, state_items, groups, num_files: int
+                  ) -> RolloutManifest:
     episodes = len(items) * len(groups) * config.samples
     return RolloutManifest(
         config=config.content(), model_source=config.model, seed=config.seed, task=config.task,
         group_ids=[g.id for g in groups], reference_group=next((g.id for g in groups if g.reference), None),
-        counts={"items": len(items), "states": 0, "groups": len(groups), "samples": config.samples,
+        counts={"items": len(items), "states": len(state_items), "groups": len(groups), "samples": config.samples,
                 "turns": config.turns, "episodes": episodes, "assistant_turns": episodes * config.turns},
         num_files=num_files, launch_id=launch_id)
 
 
-def _prepare_folder(folder: DatasetFolder, config: RolloutConfig, items, groups, num_files: int) -> None:
+def _prepare_folder(folder: DatasetFolder, config: RolloutConfig, items, state_items, groups, num_files: int
+                    ) -> None:
     """Refuse a different existing dataset, replace it on --overwrite, or start a new one; no model is loaded yet."""
     launch_id = _launch_id(config)
     folder.ensure_writable()
@@ -97,7 +99,7 @@ def _prepare_folder(folder: DatasetFolder, config: RolloutConfig, items, groups,
             strays = folder.shard_files()
             require(not strays, f"output {folder.path}: holds shard files but no manifest.json; pass --overwrite to "
                                 f"replace them or choose another output folder")
-            folder.write_manifest(_new_manifest(config, launch_id, items, groups, num_files))
+            folder.write_manifest(_new_manifest(config, launch_id, items, state_items, groups, num_files))
             return
         differences = config_differences(manifest.config, config.content())
         require(not differences, f"output {folder.path}: holds a dataset made with different settings "
@@ -164,11 +166,16 @@ def rollout(config: RolloutConfig) -> RolloutManifest:
 
     if config.backend == "vllm":
         require_vllm()
-    items = load_task(config.task, limit=config.limit, seed=config.seed, source=config.task_source,
+    wanted = None if config.limit is None else config.limit + config.states_limit
+    items = load_task(config.task, limit=wanted, seed=config.seed, source=config.task_source,
                       path=config.task_path)
     require(len(items) > 0, f"task {config.task}: no items loaded")
+    require(wanted is None or config.states_limit == 0 or len(items) == wanted,
+            f"states_limit: task {config.task} has {len(items)} items, fewer than limit + states_limit = {wanted}")
+    # States are the items after the episodes' in the task's order: no item is both (ids are unique, checked next).
+    items, state_items = (items, []) if config.limit is None else (items[:config.limit], items[config.limit:])
     seen: set[str] = set()
-    duplicates = sorted({i.id for i in items if i.id in seen or seen.add(i.id)})
+    duplicates = sorted({i.id for i in [*items, *state_items] if i.id in seen or seen.add(i.id)})
     require(not duplicates, f"task {config.task}: item ids must be unique, repeated: {', '.join(duplicates[:5])}")
     groups = load_groups(config.groups)
     if config.group_ids:
@@ -176,14 +183,16 @@ def rollout(config: RolloutConfig) -> RolloutManifest:
             groups = select_groups(groups, config.group_ids)
         except TriAlignError as err:
             raise TriAlignError(f"group_ids: {err}") from None
-    chunks = [items[i:i + config.items_per_shard] for i in range(0, len(items), config.items_per_shard)]
+    chunks = [("episodes", items[i:i + config.items_per_shard]) for i in range(0, len(items), config.items_per_shard)]
+    chunks += [("state", state_items[i:i + config.states_per_shard])
+               for i in range(0, len(state_items), config.states_per_shard)]
     from trialign.backbone import resolve_model_source
 
     # Before the folder gets a manifest: the model is part of its settings, so a mistyped source recorded there
     # would make the corrected rerun look like a different dataset.
     resolve_model_source(config.model, config.cache_dir)
     folder = DatasetFolder(config.output)
-    _prepare_folder(folder, config, items, groups, len(chunks))
+    _prepare_folder(folder, config, items, state_items, groups, len(chunks))
 
     mine = [i for i in range(len(chunks)) if i % config.num_shards == config.shard_index]
     done = set(folder.shard_files())
@@ -208,7 +217,7 @@ def _generate(config, folder, items, groups, chunks, mine, todo) -> RolloutManif
 
     from trialign.backbone import load_model_and_tokenizer, weights_fingerprint
     from trialign.probe import AnswerProbe
-    from trialign.rollout.episodes import EpisodeSettings, derive_seed, run_chunk
+    from trialign.rollout.episodes import EpisodeSettings, derive_seed, run_chunk, state_chunk
     from trialign.rollout.simulator import UserSimulator
 
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, cache_dir=config.cache_dir,
@@ -223,22 +232,28 @@ def _generate(config, folder, items, groups, chunks, mine, todo) -> RolloutManif
         samples=config.samples, turns=config.turns, temperature=config.temperature,
         max_new_tokens=config.max_new_tokens, alpha=config.alpha, gamma=config.gamma, expression=config.expression,
         system_prompt=resolve_system_prompt(config.system_prompt), show_preferences=config.show_preferences,
+        template=probe_template(config.probe_template),
     )
-    log.info("rollout: %d items x %d groups x %d samples x %d turns; this process writes %d of %d shards (%d left)",
-             len(items), len(groups), config.samples, config.turns, len(mine), len(chunks), len(todo))
-    total_items = sum(len(chunks[i]) for i in mine)
+    log.info("rollout: %d items x %d groups x %d samples x %d turns and %d states; this process writes %d of %d "
+             "shards (%d left)", sum(len(c) for k, c in chunks if k == "episodes"), len(groups), config.samples,
+             config.turns, sum(len(c) for k, c in chunks if k == "state"), len(mine), len(chunks), len(todo))
+    total_items = sum(len(chunks[i][1]) for i in mine)
     tokens, started = 0, time.perf_counter()
-    with tqdm(total=total_items, initial=total_items - sum(len(chunks[i]) for i in todo), unit="item",
+    with tqdm(total=total_items, initial=total_items - sum(len(chunks[i][1]) for i in todo), unit="item",
               desc="rollout", disable=not config.progress, dynamic_ncols=True) as bar:
         for index in todo:
-            rows, stats = run_chunk(chunks[index], groups, settings, model=model, tokenizer=tokenizer,
-                                    sampler=sampler, probe=probe, simulator=simulator,
-                                    seed=derive_seed(config.seed, "shard", index),
-                                    score_batch_size=config.probe_batch_size)
+            kind, chunk = chunks[index]
+            if kind == "state":
+                rows = state_chunk(chunk, groups, settings, tokenizer=tokenizer, probe=probe)
+            else:
+                rows, stats = run_chunk(chunk, groups, settings, model=model, tokenizer=tokenizer,
+                                        sampler=sampler, probe=probe, simulator=simulator,
+                                        seed=derive_seed(config.seed, "shard", index),
+                                        score_batch_size=config.probe_batch_size)
+                tokens += stats.sampled_tokens
             folder.write_shard(index, len(chunks), rows, features())
             manifest = _record_shards(folder, None, {index: [row["item_id"] for row in rows]})
-            tokens += stats.sampled_tokens
-            bar.update(len(chunks[index]))
+            bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
     _report(config, manifest, folder, len(todo), tokens, time.perf_counter() - started)
     return manifest
@@ -251,7 +266,8 @@ def _report(config: RolloutConfig, manifest: RolloutManifest, folder: DatasetFol
     speed = f", {tokens / seconds:.0f} generated tokens/s" if seconds > 0 and tokens else ""
     print(f"rollout {folder.path}: wrote {written} shard(s) in {seconds:.0f} s{speed}; dataset {state} "
           f"({manifest.counts['items']} items x {manifest.counts['groups']} groups x "
-          f"{config.samples} samples x {config.turns} turns, {size / 1e6:.2f} MB). Load it with "
+          f"{config.samples} samples x {config.turns} turns, {manifest.counts.get('states', 0)} cross-group states, "
+          f"{size / 1e6:.2f} MB). Load it with "
           f"datasets.load_dataset('parquet', data_files='{Path(folder.path) / DATA_FILES}')", file=sys.stdout)
 
 

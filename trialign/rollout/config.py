@@ -15,6 +15,7 @@ from typing import Any
 
 from trialign.backbone import DEFAULT_MODEL
 from trialign.errors import require
+from trialign.prompts import DEFAULT_PROBE_TEMPLATE, probe_template
 
 USER_TURN_KINDS = ("challenge", "reexplain", "reminder")
 """What the user simulator can say between assistant turns (see `trialign.rollout.simulator`)."""
@@ -55,7 +56,12 @@ class RolloutConfig:
     task_source: str = "local"
     """Where benchmark data comes from: `local` (copies shipped with trialign) or `hub`."""
     limit: int | None = 64
-    """Number of items (the first N in the task's stable order); null for all."""
+    """Number of items with episodes (the first N in the task's stable order); null for all."""
+    states_limit: int = 0
+    """Cross-group states: the first state s_0 of this many further items (the next ones after `limit`, so never
+    an item that has episodes), under every group, with the behavior policy's probe there and no generation."""
+    states_per_shard: int = 64
+    """State items written to one Parquet file."""
     groups: str = "default"
     """Group file: a YAML path or a bundled name (`default`, `heldout`)."""
     group_ids: list[str] | None = None
@@ -66,6 +72,9 @@ class RolloutConfig:
     """`none`, `same_answer` (the "same answer for everyone" prompt of `trialign.prompts`), or a literal prompt."""
     show_preferences: bool = True
     """State the group's preference instructions in the first user turn."""
+    probe_template: str = DEFAULT_PROBE_TEMPLATE
+    """How items are asked and where the probe reads the answer: a name from `trialign.prompts.PROBE_TEMPLATES`
+    (recorded in the manifest: training and validation ask the same way)."""
     samples: int = 2
     """K: episodes sampled per (item, group)."""
     turns: int = 2
@@ -124,10 +133,16 @@ class RolloutConfig:
         require(self.max_new_tokens > 0, f"max_new_tokens: expected a positive integer, got {self.max_new_tokens}")
         require(self.alpha >= 0, f"alpha: expected >= 0, got {self.alpha}")
         require(0 <= self.gamma <= 1, f"gamma: expected a discount in [0, 1], got {self.gamma}")
+        probe_template(self.probe_template)
         require(self.probe_normalization in ("none", "chars"),
                 f"probe_normalization: expected 'none' or 'chars', got '{self.probe_normalization}'")
         require(self.probe_batch_size > 0,
                 f"probe_batch_size: expected a positive integer, got {self.probe_batch_size}")
+        require(self.states_limit >= 0, f"states_limit: expected 0 or more items, got {self.states_limit}")
+        require(self.states_limit == 0 or self.limit is not None,
+                "states_limit: needs `limit` (states are the items after the episodes' `limit` items)")
+        require(self.states_per_shard > 0,
+                f"states_per_shard: expected a positive integer, got {self.states_per_shard}")
         require(self.items_per_shard > 0, f"items_per_shard: expected a positive integer, got {self.items_per_shard}")
         unknown = sorted(set(self.user_mix) - set(USER_TURN_KINDS))
         require(not unknown, f"user_mix: unknown turn kind(s) {', '.join(map(str, unknown))}; "

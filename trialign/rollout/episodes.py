@@ -6,13 +6,18 @@ in one batched call, then scored in one probe call. The KV cache of that call se
 through the model about once. Per assistant turn (DESIGN.md, "Environment and
 trajectories"):
 
-* ``truth_t``: the answer probe's reading of the message (the conversation so far, the message, "Final answer:")
-  is correct;
+* ``truth_t``: the answer probe's reading of the message (the conversation so far, the message, the probe
+  template's answer prefix) is correct;
 * ``pers_t``: the fraction of the group's verifiable preferences the message satisfies (1 for a group without
   preferences, see `trialign.preferences.preference_score`);
 * ``r_t = truth_t + alpha * pers_t`` and the discounted return ``R_t = sum_{k>=t} gamma^(k-t) r_k`` (episodes end
   after turn T-1: no bootstrap);
 * ``log mu(a_t | s_t)`` at temperature 1 and the action's token count (`trialign.rollout.sampler`).
+
+Every row also holds each group's first state s_0 with the behavior policy's probe there, before any response
+(``state``): one probe forward per (item, group). `state_chunk` writes rows of that alone (kind ``"state"``, no
+episodes): the cross-group states of DESIGN.md, which cost no generation, so a rollout holds many more of them
+than items with episodes.
 
 Row layout: `trialign.rollout.schema`.
 """
@@ -26,7 +31,7 @@ from typing import Protocol, Sequence
 from trialign.groups import Group
 from trialign.preferences import preference_score
 from trialign.probe import AnswerProbe, render_context
-from trialign.prompts import build_messages
+from trialign.prompts import DEFAULT_PROBE_TEMPLATE, PROBE_TEMPLATES, ProbeTemplate, build_messages
 from trialign.rollout.cached_probe import probe_answers
 from trialign.rollout.sampler import (
     Generation,
@@ -97,6 +102,8 @@ class EpisodeSettings:
     """System message of every episode (None for none)."""
     show_preferences: bool = True
     """State the group's preferences in the first user turn."""
+    template: ProbeTemplate = PROBE_TEMPLATES[DEFAULT_PROBE_TEMPLATE]
+    """How the item is asked and where the probe reads the answer."""
 
 
 @dataclass
@@ -185,12 +192,9 @@ def run_chunk(
     score_batch_size: int = 16,
 ) -> tuple[list[dict], ChunkStats]:
     """Dataset rows (one per item, groups in the given order) for `items`; `seed` drives this chunk's sampling."""
-    episodes = [
-        _Episode(item, group, k, build_messages(item, group, expression=settings.expression,
-                                                system_prompt=settings.system_prompt,
-                                                show_preferences=settings.show_preferences))
-        for item in items for group in groups for k in range(settings.samples)
-    ]
+    episodes = [_Episode(item, group, k, first_messages(item, group, settings))
+                for item in items for group in groups for k in range(settings.samples)]
+    states = state_readings(items, groups, settings, tokenizer=tokenizer, probe=probe)
     stats = ChunkStats(episodes=len(episodes))
     end_id = end_of_turn_id(tokenizer)
     cache: GenerationCache | None = None
@@ -207,7 +211,9 @@ def run_chunk(
         stats.sampled_tokens += sum(s.num_sampled for s in generation.samples)
         actions = to_actions(tokenizer, episodes, prompts, generation, end_id=end_id, model=model,
                              batch_size=score_batch_size)
-        contexts = [render_context(tokenizer, e.messages, response=a.text) for e, a in zip(episodes, actions)]
+        prefix = settings.template.answer_prefix
+        contexts = [render_context(tokenizer, e.messages, response=a.text, answer_prefix=prefix)
+                    for e, a in zip(episodes, actions)]
         readings = probe_answers(probe, [e.item for e in episodes], contexts, generation.cache)
         cache = generation.cache  # the next turn continues these conversations
         for episode, action, reading, kind in zip(episodes, actions, readings, kinds):
@@ -230,22 +236,54 @@ def run_chunk(
     for episode in episodes:
         for turn, ret in zip(episode.turns, discounted_returns([x["reward"] for x in episode.turns], settings.gamma)):
             turn["ret"] = ret
-    return _rows(items, groups, episodes, settings), stats
+    return _rows(items, groups, episodes, settings, states), stats
 
 
-def _rows(items: Sequence[Item], groups: Sequence[Group], episodes: list[_Episode],
-          settings: EpisodeSettings) -> list[dict]:
+def first_messages(item: Item, group: Group, settings: EpisodeSettings) -> list[dict[str, str]]:
+    """The messages of s_0 for (item, group): the one rule for episodes and states alike."""
+    return build_messages(item, group, expression=settings.expression, system_prompt=settings.system_prompt,
+                          show_preferences=settings.show_preferences, template=settings.template)
+
+
+def state_readings(items: Sequence[Item], groups: Sequence[Group], settings: EpisodeSettings, *, tokenizer,
+                   probe: AnswerProbe) -> list[list[dict]]:
+    """Per item, per group: the ``state`` field (s_0's messages and μ's probe reading there, no response)."""
+    pairs = [(item, group) for item in items for group in groups]
+    messages = [first_messages(item, group, settings) for item, group in pairs]
+    contexts = [render_context(tokenizer, m, answer_prefix=settings.template.answer_prefix) for m in messages]
+    readings = probe.answer([item for item, _ in pairs], contexts)
+    states = [{
+        "system": m[0]["content"] if m[0]["role"] == "system" else "",
+        "user": m[-1]["content"],
+        "answer": reading.answer,
+        "option_logprobs": [float(x) for x in reading.option_logprobs],
+        "gold_logprob": float(reading.gold_logprob),
+        "truth": int(bool(reading.correct)),
+    } for m, reading in zip(messages, readings)]
+    return [states[i * len(groups):(i + 1) * len(groups)] for i in range(len(items))]
+
+
+def state_chunk(items: Sequence[Item], groups: Sequence[Group], settings: EpisodeSettings, *, tokenizer,
+                probe: AnswerProbe) -> list[dict]:
+    """Rows of kind "state" for `items`: every group's s_0 and μ's probe reading there; no generation."""
+    return _rows(items, groups, None, settings, state_readings(items, groups, settings, tokenizer=tokenizer,
+                                                               probe=probe))
+
+
+def _rows(items: Sequence[Item], groups: Sequence[Group], episodes: list[_Episode] | None,
+          settings: EpisodeSettings, states: list[list[dict]]) -> list[dict]:
     rows, position = [], 0
-    for item in items:
+    for item, item_states in zip(items, states):
         row_groups = []
-        for group in groups:
-            mine = episodes[position:position + settings.samples]
-            position += settings.samples
+        for group, state in zip(groups, item_states):
+            mine = [] if episodes is None else episodes[position:position + settings.samples]
+            position += len(mine)
             row_groups.append({
                 "group": group.id,
-                "system": settings.system_prompt or "",
+                "system": state["system"],  # as built: it may hold the persona (see ProbeTemplate)
                 "expression": settings.expression,
                 "preferences": list(group.preferences),
+                "state": {k: v for k, v in state.items() if k != "system"},
                 "episodes": [{"sample": e.sample, "turns": e.turns} for e in mine],
             })
         rows.append({
@@ -254,6 +292,7 @@ def _rows(items: Sequence[Item], groups: Sequence[Group], episodes: list[_Episod
             "question": item.question,
             "context": item.context,
             **answer_columns(item),
+            "kind": "state" if episodes is None else "episodes",
             "groups": row_groups,
         })
     return rows

@@ -126,6 +126,13 @@ class RolloutManifest:
             updated_at=data.get("updated_at"))
 
     @property
+    def template(self):
+        """The `ProbeTemplate` the rollout asked its items with (datasets that record none used the legacy one)."""
+        from trialign.prompts import LEGACY_PROBE_TEMPLATE, probe_template
+
+        return probe_template(self.config.get("probe_template", LEGACY_PROBE_TEMPLATE))
+
+    @property
     def item_ids(self) -> list[str]:
         """Ids of the items in the shards written so far, in shard order."""
         return [item for shard in self.shards for item in shard.item_ids]

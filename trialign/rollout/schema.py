@@ -15,12 +15,20 @@ Row layout (Arrow / HF `datasets` features, see `FEATURES`)::
     correct_options[int]    all correct option indices ([] for free-form items)
     gold_text      str      gold answer text (the option text for option items)
     answer_type    str      "option" | "numeric" | "alias"
+    kind           str      "episodes" (K episodes per group) | "state" (the cross-group state s_0 only)
     groups         [struct] one entry per group, in the dataset's group order:
       group          str      group id
-      system         str      system prompt of the episode ("" for none)
+      system         str      system message of the episode ("" for none; it holds the persona when the probe
+                              template puts the persona there)
       expression     str      "explicit" | "implicit" persona expression
       preferences    [str]    the group's preference ids
-      episodes       [struct] K samples:
+      state          struct   the first state s_0 and the behavior policy's probe there (no response):
+        user             str    the first user message (persona + question, as the probe template frames it)
+        answer           str    answer read by the probe at s_0
+        option_logprobs  [f32]  probe log-likelihood of each option at s_0 ([] for free-form)
+        gold_logprob     f32    probe log-likelihood of the gold answer per token
+        truth            int    1 if `answer` is correct
+      episodes       [struct] K samples ([] in "state" rows):
         sample         int      sample index k
         turns          [struct] T assistant turns, in order:
           user             str    user message before this assistant turn (turn 0: persona + question)
@@ -38,13 +46,27 @@ Row layout (Arrow / HF `datasets` features, see `FEATURES`)::
 
 The state s_t is `system` + the user/assistant messages of turns < t + `user` of turn t, rendered with the
 model's chat template.
+
+Cross-group states (DESIGN.md): a "state" row holds, for one item, every group's s_0 with μ's probe distribution
+and truth, and no episodes. They cost one probe forward per group (no generation), so a rollout holds many more of
+them (``states_limit``) than items with episodes (``limit``); the inconsistency penalty and the truth term train
+on both kinds, the policy, value and NSW terms on the episodes. Version 2 added `kind` and `state`; version-1
+datasets are refused in one line (re-run the rollout).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+ROW_KINDS = ("episodes", "state")
+STATE_FIELDS = {
+    "user": "string",
+    "answer": "string",
+    "option_logprobs": ["float32"],
+    "gold_logprob": "float32",
+    "truth": "int8",
+}
 
 TURN_FIELDS = {
     "user": "string",
@@ -93,6 +115,7 @@ def features():
         "system": Value("string"),
         "expression": Value("string"),
         "preferences": Sequence(Value("string")),
+        "state": to_feature(STATE_FIELDS),
         "episodes": [episode],
     }
     return Features(
@@ -106,6 +129,7 @@ def features():
             "correct_options": Sequence(Value("int32")),
             "gold_text": Value("string"),
             "answer_type": Value("string"),
+            "kind": Value("string"),
             "groups": [group],
         }
     )
@@ -113,5 +137,5 @@ def features():
 
 REQUIRED_COLUMNS = tuple(
     ["item_id", "task", "question", "context", "options", "gold_index", "correct_options", "gold_text",
-     "answer_type", "groups"]
+     "answer_type", "kind", "groups"]
 )

@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from trialign.errors import TriAlignError
 from trialign.rollout.manifest import MANIFEST, RolloutManifest, read_manifest, write_manifest
