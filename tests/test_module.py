@@ -20,7 +20,8 @@ from trialign.datamodules.collate import TrajectoryCollator
 from trialign.errors import TriAlignError
 from trialign.modules.aggregators import GroupRobust, NashSocialWelfare
 from trialign.modules.objectives import AdvantageWeighted, PairwiseDPO
-from trialign.modules.penalties import CombinedPenalty
+from trialign.modules.penalties import CombinedPenalty, NoPenalty
+from trialign.modules.truth import truth_loss
 from trialign.modules.trialign_module import TriAlignModule, load_value_heads
 from trialign.modules.values import MonteCarlo
 
@@ -260,7 +261,7 @@ def test_non_finite_term_stops_training_naming_step_and_term(tiny_model_dir, emb
         module.training_step(broken, 0)
 
 
-# --- validation ---------------------------------------------------------------------------------------------------------
+# --- validation -------------------------------------------------------------------------------------------------
 
 def test_validation_metrics_match_a_direct_computation(tmp_path, tiny_model_dir, embedded_tokenizer):
     batches, names = make_batches(embedded_tokenizer, count=3, items=2, seed=3)
@@ -463,3 +464,54 @@ def test_same_seed_and_config_train_identical_adapters(tmp_path, tiny_model_dir)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not any(key.endswith("lm_head.weight") for key in a)  # the tied, frozen output head is not saved
+
+
+# --- cross-group states -------------------------------------------------------------------------------------------
+
+def state_batches(tokenizer, items=4, states=2, groups=3):
+    """One collated batch mixing `items - states` episode items and `states` state rows, and one of states only."""
+    rows, names = synthetic_rows(items=items, groups=groups, samples=2, turns=2, seed=3, states=states)
+    collator = TrajectoryCollator(tokenizer, names, max_length=256)
+    return collator(rows), collator(rows[items - states:]), names
+
+
+def test_a_states_only_batch_trains_the_penalty_and_truth_terms(tiny_model_dir, embedded_tokenizer):
+    mixed, states, names = state_batches(embedded_tokenizer)
+    assert "input_ids" not in states and not bool(states["has_episodes"].any())
+    module = make_module(tiny_model_dir, names, truth_coef=1.0)
+    perturb_adapters(module)
+    loss, parts = module.compute_loss(states)
+    assert parts["policy_loss"].abs().sum() == 0 and parts["value_loss"].abs().sum() == 0
+    assert bool((parts["truth_loss"] > 0).all()) and parts["present"].all()
+    # The truth term is the gold option's NLL in the probe distribution, per group, as `truth_loss` computes it.
+    probe = module.probe_logprobs(states)
+    expected, _ = truth_loss(probe["option_logprobs"], states["option_mask"], states["correct_options"],
+                             probe["group_mask"], states["has_options"])
+    assert parts["truth_loss"].tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    before = snapshot(module)
+    train_steps(module, [states], steps=1)
+    after = snapshot(module)
+    lora = [n for n in before if "lora_" in n]
+    assert any(not torch.equal(before[n], after[n]) for n in lora)
+    heads = [n for n in before if n.startswith("value_heads.")]
+    assert all(torch.equal(before[n], after[n]) for n in heads)  # no episode: the critics have nothing to learn
+
+
+def test_a_mixed_batch_runs_episode_terms_on_episode_rows_only(tiny_model_dir, embedded_tokenizer):
+    mixed, _, names = state_batches(embedded_tokenizer)
+    assert mixed["has_episodes"].tolist() == [True, True, False, False]
+    assert set(mixed["item_index"].tolist()) == {0, 1}  # episodes of the two episode rows
+    assert set(mixed["probe_index"][:, 0].tolist()) == {0, 1, 2, 3}  # every row is probed
+    module = make_module(tiny_model_dir, names, truth_coef=1.0)
+    loss, parts = module.compute_loss(mixed)
+    assert torch.isfinite(loss) and parts["present"].all() and bool((parts["value_loss"] > 0).any())
+
+
+def test_no_term_reaching_the_weights_still_gives_a_zero_loss_with_a_gradient(tiny_model_dir, embedded_tokenizer):
+    _, states, names = state_batches(embedded_tokenizer)
+    module = TriAlignModule(names, MonteCarlo(), AdvantageWeighted(), NashSocialWelfare(), NoPenalty(),
+                            model=tiny_model_dir, lora=SMALL_LORA)
+    module.configure_model()
+    loss, parts = module.compute_loss(states)
+    assert loss.item() == 0.0 and loss.requires_grad and not parts["present"].any()
+    loss.backward()

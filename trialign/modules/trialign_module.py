@@ -7,13 +7,18 @@ One training step on a batch of B items × G groups × K samples × T turns (N =
 2. per group g: V_g(s_t) from the group's value head, the value loss L^V_g and advantages from the `value`
    estimator, and the policy loss L^π_g = Σ_i w_i ℓ_i / Σ_i w_i from the `objective` over the group's samples
    (pools: (item, group, turn) for pairwise objectives, (item, group) otherwise);
-3. group utilities U_g (`GroupUtility`: SNIS over the batch's samples, EMA across steps) and aggregation weights
+3. group utilities U_g (`GroupUtility`: SNIS over the batch's samples and, where the probe runs, the exact
+   E_π[truth] at the items' states; their mean per group folded into an EMA across steps) and aggregation weights
    ω = `aggregator`(L_g, U, present);
 4. the inconsistency `penalty` from a forward of the answer probe under every group's persona (option
    log-likelihoods [B, G, O] summed over the continuation tokens; gold log-probability per token [B, G]);
 5. the KL to the reference policy (the same backbone with adapters disabled, no gradient) on the action tokens.
 
-    L = Σ_g ω_g (L^π_g + c_v L^V_g) + λ·Penalty + β_KL·KL
+    L = Σ_g ω_g (L^π_g + c_v L^V_g + c_T L^truth_g) + λ·Penalty + β_KL·KL
+
+Cross-group states (DESIGN.md): rows of the rollout without episodes, only every group's first state s_0. A batch
+may hold them, episode items, or both: the episode terms (1-3, 5) run on the episode items; the penalty and the
+truth term L^truth_g (`trialign.modules.truth`, weight `truth_coef` = c_T) on the probe of every item's s_0.
 
 Where we fill in for the paper:
 * U_g is estimated per *turn*: each valid turn is a sample with reward r_t and one-step log-ratio
@@ -84,7 +89,8 @@ from trialign.modules.kl import reference_kl
 from trialign.modules.objectives import PolicyObjective
 from trialign.modules.penalties import InconsistencyPenalty, NoPenalty
 from trialign.modules.policy import SHARED_ADAPTER, Policy
-from trialign.modules.utility import GroupUtility
+from trialign.modules.truth import expected_truth, truth_loss
+from trialign.modules.utility import GroupUtility, snis_group_means
 from trialign.modules.values import ValueEstimator
 
 log = logging.getLogger(__name__)
@@ -122,6 +128,8 @@ class TriAlignModule(LightningModule):
         reference_group: the no-persona group for the breakage metric (None: no breakage metric).
         value_coef: c_v, weight of the value loss.
         penalty_coef: λ, weight of the inconsistency penalty.
+        truth_coef: weight of the truth term on the states' answer distributions (`trialign.modules.truth`),
+            added to each group's loss before aggregation; 0 turns it off.
         kl_coef: β_KL, weight of the KL to the reference policy.
         utility_ema: EMA factor of the group utilities across steps.
         detach_value_features: value heads read detached hidden states (the critic does not train the adapters).
@@ -147,6 +155,7 @@ class TriAlignModule(LightningModule):
         reference_group: str | None = None,
         value_coef: float = 0.5,
         penalty_coef: float = 1.0,
+        truth_coef: float = 0.0,
         kl_coef: float = 0.05,
         utility_ema: float = 0.9,
         detach_value_features: bool = True,
@@ -174,7 +183,8 @@ class TriAlignModule(LightningModule):
                                       ("penalty", penalty, InconsistencyPenalty)):
             if not isinstance(component, base):
                 raise TriAlignError(f"model.{name}: expected a {base.__name__}, got {type(component).__name__}")
-        for name, coef in (("value_coef", value_coef), ("penalty_coef", penalty_coef), ("kl_coef", kl_coef)):
+        for name, coef in (("value_coef", value_coef), ("penalty_coef", penalty_coef), ("truth_coef", truth_coef),
+                           ("kl_coef", kl_coef)):
             if not (math.isfinite(coef) and coef >= 0):
                 raise TriAlignError(f"model.{name}: expected a finite value >= 0, got {coef}")
         if reference_group is not None and reference_group not in self.group_names:
@@ -186,6 +196,7 @@ class TriAlignModule(LightningModule):
         self.penalty = penalty
         self.value_coef = value_coef
         self.penalty_coef = penalty_coef
+        self.truth_coef = truth_coef
         self.kl_coef = kl_coef
         self.detach_value_features = detach_value_features
         self.per_group_adapters = per_group_adapters
@@ -344,10 +355,11 @@ class TriAlignModule(LightningModule):
     # --- training ------------------------------------------------------------------------------------------------
 
     def _needs_probe(self) -> bool:
-        return self.penalty_coef > 0 and not isinstance(self.penalty, NoPenalty)
+        return (self.penalty_coef > 0 and not isinstance(self.penalty, NoPenalty)) or self.truth_coef > 0
 
-    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The total loss of a batch and its parts (per-group tensors [G], scalars otherwise)."""
+    def _episode_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-group policy and value losses [G], the groups with episodes [G], this batch's SNIS estimate of the
+        episode utilities ([G] means and [G] present) and the KL (steps 1, 2 and 5 of the module docstring)."""
         num_groups = len(self.group_names)
         needs_reference = self.kl_coef > 0 or self.objective.needs_reference
         policy_out = self._episode_forward(batch, keep_trunk=needs_reference)
@@ -385,33 +397,67 @@ class TriAlignModule(LightningModule):
         weighted = sample_loss.new_zeros(num_groups).index_add(0, sample_group, sample_weight * sample_loss)
         policy_losses = torch.where(weight_sum > 0, weighted / weight_sum.clamp(min=1e-12), weighted * 0)
         present = torch.bincount(sample_group, minlength=num_groups) > 0
+        episode_utility = snis_group_means(batch["rewards"][valid].float(), logp[valid].detach() -
+                                           batch["behavior_logprob"][valid].float(), sample_group, num_groups)
+        kl = policy_losses.new_zeros(())
+        if self.kl_coef > 0:
+            mask = torch.ones_like(policy_out["token_logprobs"], dtype=torch.bool)
+            kl = reference_kl(policy_out["token_logprobs"], reference_out["token_logprobs"], mask)
+        return {"policy_loss": policy_losses, "value_loss": value_losses, "present": present,
+                "episode_utility": episode_utility, "kl": kl}
 
-        group_losses = policy_losses + self.value_coef * value_losses
-        utilities = self.utility(batch["rewards"][valid].float(), logp[valid],
-                                 batch["behavior_logprob"][valid].float(), sample_group)
-        weights = self.aggregator(group_losses, utilities, present)
-        aggregated = (weights.to(group_losses.dtype) * group_losses).sum()
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The total loss of a batch and its parts (per-group tensors [G], scalars otherwise).
 
-        penalty = aggregated.new_zeros(())
+        A batch holds items with episodes, cross-group states (rows without episodes), or both: the episode terms
+        run on the episodes, the penalty and the truth term on every item's state s_0 (states and the first state
+        of each episode item alike)."""
+        num_groups = len(self.group_names)
+        device = batch["option_mask"].device
+        estimates = []  # this batch's estimates of U_g: (means [G], present [G]) per kind of data
+        if "input_ids" in batch:
+            parts = self._episode_losses(batch)
+            estimates.append(parts.pop("episode_utility"))
+        else:  # states only
+            zeros = torch.zeros(num_groups, device=device)
+            parts = {"policy_loss": zeros, "value_loss": zeros, "kl": zeros.new_zeros(()),
+                     "present": torch.zeros(num_groups, dtype=torch.bool, device=device)}
+        truth_losses = torch.zeros(num_groups, device=device)
+        penalty = truth_losses.new_zeros(())
         if self._needs_probe():
             probe = self.probe_logprobs(batch)
             penalty = self.penalty(probe["option_logprobs"], batch["option_mask"], probe["gold_logprob"],
                                    probe["group_mask"], batch["has_options"])
-        kl = aggregated.new_zeros(())
-        if self.kl_coef > 0:
-            mask = torch.ones_like(policy_out["token_logprobs"], dtype=torch.bool)
-            kl = reference_kl(policy_out["token_logprobs"], reference_out["token_logprobs"], mask)
-        total = aggregated + self.penalty_coef * penalty + self.kl_coef * kl
-        parts = {"policy_loss": policy_losses, "value_loss": value_losses, "group_loss": group_losses,
-                 "utility": utilities, "weight": weights, "present": present, "penalty": penalty, "kl": kl,
-                 "loss": total}
+            state_args = (probe["option_logprobs"], batch["option_mask"], batch["correct_options"],
+                          probe["group_mask"], batch["has_options"])
+            truth_losses, with_states = truth_loss(*state_args)
+            estimates.append(expected_truth(*state_args))
+            if self.truth_coef > 0:
+                parts["present"] = parts["present"] | with_states
+        # One EMA update per step: where both kinds estimate a group's utility, their mean.
+        if estimates:
+            counts = sum(present.float() for _, present in estimates)
+            means = sum(torch.where(present, m.float(), torch.zeros_like(m.float())) for m, present in estimates)
+            parts["utility"] = self.utility.observe(means / counts.clamp(min=1), counts > 0)
+        else:
+            parts["utility"] = self.utility.utilities()
+        group_losses = parts["policy_loss"] + self.value_coef * parts["value_loss"] + self.truth_coef * truth_losses
+        if bool(parts["present"].any()):
+            weights = self.aggregator(group_losses, parts["utility"], parts["present"])
+        else:  # nothing per group to weigh (a batch of states without a truth term)
+            weights = torch.zeros_like(parts["utility"])
+        aggregated = (weights.to(group_losses.dtype) * group_losses).sum()
+        total = aggregated + self.penalty_coef * penalty + self.kl_coef * parts["kl"]
+        if not total.requires_grad:  # no term reached the weights: a zero loss that still has a gradient
+            total = total + sum(p.sum() * 0 for p in self.trainable_parameters())
+        parts.update(truth_loss=truth_losses, group_loss=group_losses, weight=weights, penalty=penalty, loss=total)
         return total, parts
 
     def _check_finite(self, parts: dict[str, Tensor]) -> None:
         """Divergence guard: a non-finite term stops training with a message naming the step and the term."""
         present = parts["present"]
         problem = None
-        for name in ("value_loss", "policy_loss", "utility", "weight", "penalty", "kl", "loss"):
+        for name in ("value_loss", "policy_loss", "truth_loss", "utility", "weight", "penalty", "kl", "loss"):
             value = parts[name].detach()
             per_group = value.dim() == 1
             if per_group and name not in ("utility", "weight"):
@@ -479,6 +525,7 @@ class TriAlignModule(LightningModule):
                 logged[f"train/loss/{group}"] = parts["group_loss"][index].detach()
                 logged[f"train/policy_loss/{group}"] = parts["policy_loss"][index].detach()
                 logged[f"train/value_loss/{group}"] = parts["value_loss"][index].detach()
+                logged[f"train/truth_loss/{group}"] = parts["truth_loss"][index].detach()
         self.log_dict({k: v.float() for k, v in logged.items()}, on_step=True, on_epoch=False, prog_bar=False,
                       batch_size=batch_size)
         self.log("loss", total.detach().float(), prog_bar=True, logger=False, batch_size=batch_size)
@@ -598,7 +645,8 @@ class TriAlignModule(LightningModule):
             adapter_state = None
             head_state = self.value_heads.state_dict()
         else:
-            adapter_state = {k[len("policy.model."):]: v for k, v in state_dict.items() if k.startswith("policy.model.")}
+            adapter_state = {k[len("policy.model."):]: v for k, v in state_dict.items()
+                             if k.startswith("policy.model.")}
             head_state = {k[len("value_heads."):]: v for k, v in state_dict.items() if k.startswith("value_heads.")}
         target = Path(directory) if directory is not None else self.export_directory()
         if target.exists() and not target.is_dir():

@@ -13,6 +13,10 @@ What a "sample" is — one turn (r_t with the action's log-ratio) or one episode
 log-ratio over turns) — is the caller's choice; the estimator is the same. Log-ratios are detached: U_g only sets
 the aggregation weights, which are constants for the gradient.
 
+Cross-group states (rows without episodes) add a second, exact estimate: E_π[truth] at the states, folded into the
+same EMA with `observe` (a batch with both kinds folds both). The two kinds measure reward on different scales
+(an episode turn's reward also holds α·pers), which shifts a group's utility but not which groups are served worse.
+
 Filled in for the paper: the EMA starts at a group's first batch estimate (no bias towards 0); groups absent from a
 batch keep their EMA; a group never seen yet reports the mean of the seen groups (1.0 when none is), a neutral
 value for the aggregators. Reported utilities are floored at `eps` so that log U and 1/U stay finite. The EMA is
@@ -114,6 +118,16 @@ class GroupUtility(nn.Module):
         batch, present = snis_group_means(rewards, logp_policy.detach() - logp_behavior, group_index,
                                           len(self.group_names))
         average, seen = self._updated(batch, present)
+        if self.training:
+            self.average.copy_(average)
+            self.seen.copy_(seen)
+        return self.utilities(average, seen)
+
+    def observe(self, means: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Fold a direct per-group estimate [G] (groups where `present` [G] is True) into the EMA, as `forward` folds
+        its SNIS estimate, and return the utilities. Cross-group states use it: at a state the probe enumerates every
+        answer, so E_π[truth] is computed exactly (`trialign.modules.truth.expected_truth`), no importance weights."""
+        average, seen = self._updated(means.detach(), present.bool())
         if self.training:
             self.average.copy_(average)
             self.seen.copy_(seen)
