@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from trialign.cli import main
-from trialign.evaluate import EvaluateConfig, answer_ids, evaluate, parse_config
+from trialign.comparison import records_from_rows
+from trialign.evaluate import EvaluateConfig, evaluate, parse_config
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -20,13 +21,17 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_answer_ids_are_equal_exactly_for_equal_answers():
-    ids = answer_ids([["1", "1", "0"], ["paris", "lyon", "paris"]])
-    np.testing.assert_array_equal(ids, [[0, 0, 1], [0, 1, 0]])
+    rows = [{"item_id": item, "group": group, "answer": answer, "canonical": canonical, "correct": False}
+            for item, answers in (("a", ["1", "1", "0"]), ("b", ["Paris", "Lyon", "paris."]))
+            for group, (answer, canonical) in zip("xyz", [(x, x.lower().rstrip(".")) for x in answers])]
+    arrays = records_from_rows(rows, ["x", "y", "z"])
+    np.testing.assert_array_equal(arrays.answers, [[0, 0, 1], [0, 1, 0]])  # compared by their canonical form
 
 
 def test_probe_audit_on_tiny_model_writes_consistent_metrics(tmp_path, tiny_model_dir):
     out = tmp_path / "audit"
-    config = EvaluateConfig(model=tiny_model_dir, task="truthfulqa_mc1", limit=6, group_ids=["neutral", "teenager", "phd_researcher"],
+    config = EvaluateConfig(model=tiny_model_dir, task="truthfulqa_mc1", limit=6,
+                            group_ids=["neutral", "teenager", "phd_researcher"],
                             bootstrap=50, output=str(out))
     document = evaluate(config, progress=False)
     saved = json.loads((out / "metrics.json").read_text())

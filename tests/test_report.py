@@ -47,14 +47,21 @@ def audit_document(label: str, task: str, groups: list[str], accuracy: float, sp
     metrics = summarize(records, n_resamples=200, seed=seed)
     add_group_means(metrics, records, n_resamples=200, seed=seed)
     config = EvaluateConfig(task=task, groups=groups_file, mode=mode, label=label, bootstrap=200, seed=seed)
-    return {"label": label, "config": dataclasses.asdict(config), "task": task, "num_items": n_items,
+    # per_item.jsonl rows as evaluate writes them (the same item ids for every method of a split).
+    rows = [{"item_id": f"{task}/{n:04d}", "group": group, "answer": str(int(answers[n, j])),
+             "canonical": str(int(answers[n, j])), "correct": bool(correct[n, j]), "gold": 0,
+             "personalization": float(personalization[n, j]) if mode == "generate" else None,
+             "option_logprobs": [], "response": "..." if mode == "generate" else None}
+            for n in range(n_items) for j, group in enumerate(groups)]
+    return {"rows": rows, "label": label, "config": dataclasses.asdict(config), "task": task, "num_items": n_items,
             "groups": groups, "reference": "neutral", "mode": mode, "seconds": 1.0, "metrics": metrics}
 
 
 def write_result(folder: Path, document: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    rows = document.pop("rows", [])
     write_json_atomic(folder / "metrics.json", document)
-    (folder / "per_item.jsonl").write_text("")
+    (folder / "per_item.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
 
 
@@ -303,3 +310,24 @@ def test_chromium_renders_the_page_to_a_non_trivial_screenshot(experiment, tmp_p
     assert len(colours) > 50  # text, tables and charts, not a blank page
     dark = (pixels.sum(axis=-1) < 200).mean()
     assert 0.001 < dark < 0.5  # some ink on a light page
+
+
+def test_paired_differences_are_the_paired_bootstrap_of_the_per_item_rows(experiment):
+    from trialign.comparison import compare, read_item_arrays, signed
+
+    markdown = (experiment / "report.md").read_text()
+    main = markdown.split("## Split: main", 1)[1].split("## Split:", 1)[0]
+    assert "**Paired differences**" in main
+    after = main.split("**Paired differences**", 1)[1].split("\n\n", 2)[1]  # the table right after the caption
+    table = after.splitlines()
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
+    assert set(rows) == {"trialign − nash_only", "trialign − same_answer_prompt"}
+    target = read_item_arrays(experiment / "eval/trialign/main", TRAIN_GROUPS)
+    other = read_item_arrays(experiment / "eval/nash_only/main", TRAIN_GROUPS)
+    result, shared = compare(target, other, "neutral", seed=0)
+    assert rows["trialign − nash_only"][1] == str(shared) == "30"
+    assert rows["trialign − nash_only"][2] == signed(*result["consistency"])
+    # The verdict names the strongest other method by consistency and says whether the CI excludes 0.
+    strongest = max(("nash_only", "same_answer_prompt"), key=lambda m: json.loads(
+        (experiment / f"eval/{m}/main/metrics.json").read_text())["metrics"]["consistency"]["value"])
+    assert f"- trialign vs the strongest baseline ({strongest}): consistency " in main

@@ -125,3 +125,31 @@ def test_input_errors():
         bootstrap_ci(lambda d: d["correct"], bernoulli(5))
     with pytest.raises(TriAlignError, match=r"vectorized=True expected one value per resample, shape \(10,\)"):
         bootstrap_ci(mean_correct, bernoulli(5), n_resamples=10, vectorized=True)
+
+
+def test_paired_bootstrap_matches_a_numpy_reference():
+    from trialign.stats import paired_bootstrap
+
+    rng = np.random.default_rng(3)
+    hard = rng.random(40) < 0.5  # shared item difficulty: both methods fail the hard items more often
+    a = (rng.random(40) < np.where(hard, 0.3, 0.9)).astype(float)
+    b = (rng.random(40) < np.where(hard, 0.1, 0.8)).astype(float)
+    result = paired_bootstrap(lambda d: d["x"].mean(-1), {"x": a}, {"x": b}, n_resamples=500, seed=7,
+                              vectorized=True)
+    diff, low, high = result["value"]
+    # Reference: the same index draw applied to both arrays, the difference of the means per resample.
+    idx = np.random.default_rng(7).integers(0, 40, size=(500, 40))
+    diffs = a[idx].mean(1) - b[idx].mean(1)
+    assert diff == pytest.approx(a.mean() - b.mean())
+    assert (low, high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])))
+    # Paired is narrower than the two unpaired intervals combined would suggest.
+    unpaired = np.random.default_rng(8).integers(0, 40, size=(500, 40))
+    independent = a[idx].mean(1) - b[unpaired].mean(1)
+    assert high - low < np.subtract(*np.quantile(independent, [0.975, 0.025]))
+
+
+def test_paired_bootstrap_needs_the_same_keys():
+    from trialign.stats import paired_bootstrap
+
+    with pytest.raises(TriAlignError, match="data_b: expected the keys of data_a"):
+        paired_bootstrap(lambda d: d["x"].mean(), {"x": np.ones(3)}, {"y": np.ones(3)})

@@ -48,11 +48,12 @@ COLUMNS = [
     ("nash_welfare", "Nash welfare", +1),
 ]
 DIGITS = 3
-SPLIT_ORDER = ("main", "heldout_groups", "transfer")
+SPLIT_ORDER = ("main", "personalization", "heldout_groups", "transfer")
 SPLIT_NOTES = {
     "main": "held-out items of the training task, training groups",
     "heldout_groups": "personas never seen in training",
     "transfer": "a task not used in training",
+    "personalization": "responses generated, then probed; preferences checked",
 }
 FILES_DIR = "report_files"
 
@@ -92,6 +93,9 @@ class Report:
     source: str = ""
     splits: list[str] = field(init=False)
     methods: list[str] = field(init=False)
+    paired: dict[str, Any] = field(init=False, default_factory=dict)
+    """Per split, the paired-difference table (filled on first use)."""
+    seed: int = 0
 
     def __post_init__(self) -> None:
         seen = list(dict.fromkeys(e.split for e in self.evaluations))
@@ -239,6 +243,24 @@ def results_table(evaluations: list[Evaluation]) -> tuple[list[str], list[list[s
             row.append(format_cell(*triple))
         bold.append(best_rows([v[0] for v in values], direction))
     return header, rows, bold
+
+
+PAIRED_NOTE = ("the first method minus each other one on the items both were evaluated on, items resampled "
+               "jointly; a CI that excludes 0 decides")
+
+
+def paired_differences(report: Report, split: str):
+    """`trialign.comparison.paired_table` of a split, computed once per report."""
+    from trialign.comparison import Evaluated, paired_table
+
+    if split not in report.paired:
+        evaluations = [Evaluated(e.method, e.kind, e.path.parent, e.groups, e.document.get("reference"),
+                                 e.metric("consistency")[0]) for e in report.in_split(split)]
+        try:
+            report.paired[split] = paired_table(evaluations, seed=int(report.seed))
+        except TriAlignError as err:  # e.g. results of an evaluate run that kept no per-item rows
+            report.paired[split] = (None, None, [f"paired differences not shown: {err}"])
+    return report.paired[split]
 
 
 def split_groups(evaluations: list[Evaluation]) -> list[str]:
@@ -434,6 +456,12 @@ def render_markdown(report: Report, files_dir: str = FILES_DIR) -> str:
         header, rows, bold = results_table(evaluations)
         out += [f"## Split: {split}", "", f"_{split_caption(split, evaluations)}_", ""]
         out += _md_table(header, rows, _bold_map(header, bold)) + [""]
+        paired = paired_differences(report, split)
+        if paired is not None:
+            p_header, p_rows, verdicts = paired
+            if p_header:
+                out += [f"**Paired differences** ({PAIRED_NOTE}):", ""] + _md_table(p_header, p_rows) + [""]
+            out += [f"- {line}" for line in verdicts] + [""]
         out += [f"![Per-group accuracy, {split}]({files_dir}/{plot_name(report, split)})", ""]
         g_header, g_rows = group_table(evaluations)
         out += ["<details><summary>Per-group accuracy [95% CI]</summary>", ""] + _md_table(g_header, g_rows)
@@ -523,8 +551,16 @@ def render_html(report: Report, plots: dict[str, bytes]) -> str:
         evaluations = report.in_split(split)
         header, rows, bold = results_table(evaluations)
         out += [f"<h2>Split: {_h(split)}</h2>", f'<p class="caption">{_h(split_caption(split, evaluations))}</p>',
-                _html_table(header, rows, _bold_map(header, bold)),
-                _img(plots[plot_name(report, split)], f"Per-group accuracy, {split}")]
+                _html_table(header, rows, _bold_map(header, bold))]
+        paired = paired_differences(report, split)
+        if paired is not None:
+            p_header, p_rows, verdicts = paired
+            if p_header:
+                out += [f'<p class="caption"><b>Paired differences</b> ({_h(PAIRED_NOTE)}):</p>',
+                        _html_table(p_header, p_rows)]
+            out.append('<ul class="notes">')
+            out += [f"<li>{_h(line)}</li>" for line in verdicts] + ["</ul>"]
+        out.append(_img(plots[plot_name(report, split)], f"Per-group accuracy, {split}"))
         g_header, g_rows = group_table(evaluations)
         out += ["<details><summary>Per-group accuracy [95% CI]</summary>", _html_table(g_header, g_rows),
                 "</details>"]

@@ -1,0 +1,190 @@
+"""Paired differences between methods evaluated on the same items, with paired-bootstrap 95% CIs.
+
+Every method of an experiment is evaluated on the same items of a split, so the question a reader asks — is
+TriAlign more consistent than the base model? — is answered by the *paired* difference: the items are resampled
+jointly (`trialign.stats.paired_bootstrap`), and what the two methods share (which items are hard) cancels. That
+interval is much narrower than the two methods' own intervals, and it is the one that decides.
+
+`records_from_rows` is the one reader of ``per_item.jsonl`` rows (`trialign evaluate` builds its own arrays with it
+too); `compare` computes the differences of the metrics in `COMPARED` for one pair of evaluations, on the items both
+hold.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from trialign.errors import TriAlignError, require
+
+COMPARED = (
+    ("consistency", "consistency", +1),
+    ("acc_mean", "accuracy", +1),
+    ("acc_worst", "worst-group acc.", +1),
+    ("breakage_mean", "breakage", -1),
+    ("personalization_mean", "personalization", +1),
+)
+"""(metric, label, direction: +1 higher is better) of the paired-difference tables."""
+
+
+@dataclass
+class ItemArrays:
+    """Per (item, group) outcomes as [N, G] arrays, items in `item_ids` order, groups in `group_names` order."""
+
+    item_ids: list[str]
+    group_names: list[str]
+    correct: np.ndarray
+    """bool: the probed answer is correct."""
+    answers: np.ndarray
+    """int: answer ids, equal within an item iff the (canonical) answers are equal."""
+    personalization: np.ndarray
+    """float: fraction of the group's preferences met (0 where no response was generated)."""
+    has_responses: bool
+
+    def take(self, item_ids: Sequence[str]) -> "ItemArrays":
+        index = {item: n for n, item in enumerate(self.item_ids)}
+        rows = [index[item] for item in item_ids]
+        return ItemArrays(list(item_ids), self.group_names, self.correct[rows], self.answers[rows],
+                          self.personalization[rows], self.has_responses)
+
+
+def records_from_rows(rows: Sequence[dict[str, Any]], group_names: Sequence[str], where: str = "per_item rows"
+                      ) -> ItemArrays:
+    """[N, G] arrays from `trialign evaluate`'s per-item rows (one per (item, group)); items in first-seen order.
+    Answers are compared by their ``canonical`` form (the item's normalized answer), else as written."""
+    names = list(group_names)
+    column = {name: g for g, name in enumerate(names)}
+    items: dict[str, int] = {}
+    for row in rows:
+        items.setdefault(str(row["item_id"]), len(items))
+    n, g = len(items), len(names)
+    correct = np.zeros((n, g), dtype=bool)
+    pers = np.zeros((n, g), dtype=np.float64)
+    canonical: list[list[str | None]] = [[None] * g for _ in range(n)]
+    responses = False
+    for row in rows:
+        require(row.get("group") in column, f"{where}: group {row.get('group')!r} is not one of {names}")
+        i, j = items[str(row["item_id"])], column[row["group"]]
+        correct[i, j] = bool(row["correct"])
+        canonical[i][j] = str(row.get("canonical", row["answer"]))
+        if row.get("personalization") is not None:
+            pers[i, j] = float(row["personalization"])
+            responses = True
+    missing = [(item, names[j]) for item, i in items.items() for j in range(g) if canonical[i][j] is None]
+    require(not missing, f"{where}: no row for item {missing[0][0] if missing else ''!r} and group "
+                         f"{missing[0][1] if missing else ''!r}")
+    answers = np.zeros((n, g), dtype=np.int64)
+    for i, answers_of_item in enumerate(canonical):
+        table: dict[str, int] = {}
+        for j, answer in enumerate(answers_of_item):
+            answers[i, j] = table.setdefault(str(answer), len(table))
+    return ItemArrays(list(items), names, correct, answers, pers, responses)
+
+
+def read_item_arrays(folder: str | Path, group_names: Sequence[str]) -> ItemArrays:
+    """The ``per_item.jsonl`` of an evaluate output folder as `ItemArrays`."""
+    path = Path(folder) / "per_item.jsonl"
+    if not path.is_file():
+        raise TriAlignError(f"per-item file {path}: not found (paired differences need every method's rows)")
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError) as err:
+        raise TriAlignError(f"per-item file {path}: not JSON lines ({err})") from None
+    return records_from_rows(rows, group_names, f"per-item file {path}")
+
+
+def _summary(group_names: Sequence[str], reference: str | None):
+    """The `COMPARED` metrics of [..., N, G] arrays (vectorized over resamples, as `bootstrap_ci` wants)."""
+    from trialign.functional import audit_summary
+
+    def compute(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = audit_summary({"correct": arrays["correct"], "answers": arrays["answers"]}, group_names, reference)
+        chosen = {k: out[k] for k, *_ in COMPARED if k in out}
+        chosen["acc_mean"] = arrays["correct"].astype(np.float64).mean(axis=(-1, -2))
+        chosen["personalization_mean"] = arrays["personalization"].mean(axis=(-1, -2))
+        return chosen
+
+    return compute
+
+
+def compare(a: ItemArrays, b: ItemArrays, reference: str | None, n_resamples: int = 1000, seed: int = 0
+            ) -> tuple[dict[str, tuple[float, float, float]], int]:
+    """Paired differences ``a − b`` of the `COMPARED` metrics, ``{metric: (difference, low, high)}``, over the
+    items both hold, and how many those are. Personalization is left out unless both generated responses."""
+    from trialign.stats import paired_bootstrap
+
+    require(a.group_names == b.group_names, f"groups differ: {a.group_names} vs {b.group_names}")
+    shared = [item for item in a.item_ids if item in set(b.item_ids)]
+    require(bool(shared), "the two evaluations share no item")
+    a, b = a.take(shared), b.take(shared)
+    data = lambda x: {"correct": x.correct, "answers": x.answers, "personalization": x.personalization}  # noqa: E731
+    result = paired_bootstrap(_summary(a.group_names, reference), data(a), data(b), n_resamples=n_resamples,
+                              seed=seed, vectorized=True)
+    if not (a.has_responses and b.has_responses):
+        result.pop("personalization_mean", None)
+    return result, len(shared)
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    return (low > 0 and high > 0) or (low < 0 and high < 0)
+
+
+@dataclass
+class Evaluated:
+    """What `paired_table` needs of one evaluation of a split."""
+
+    method: str
+    kind: str | None
+    folder: Path
+    """The evaluate output folder (its per_item.jsonl)."""
+    groups: list[str]
+    reference: str | None
+    consistency: float | None
+    """The point estimate, to find the strongest baseline."""
+
+
+def signed(value: float, low: float, high: float) -> str:
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def target_method(evaluations: Sequence[Evaluated]) -> Evaluated | None:
+    """The method the differences are taken from: ``trialign`` if evaluated, else the first trained one."""
+    named = [e for e in evaluations if e.method == "trialign"]
+    trained = [e for e in evaluations if e.kind == "trained"]
+    return (named or trained or [None])[0]
+
+
+def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed: int = 0
+                 ) -> tuple[list[str], list[list[str]], list[str]] | None:
+    """Header, rows (``target − other`` for every other method, ``difference [low, high]`` per `COMPARED` metric)
+    and one-line verdicts (against base and against the strongest other baseline by consistency); None when there
+    is nothing to compare (one method, or no target)."""
+    target = target_method(evaluations)
+    others = [e for e in evaluations if target is not None and e is not target]
+    if target is None or not others:
+        return None
+    arrays = {e.method: read_item_arrays(e.folder, e.groups) for e in [target, *others]}
+    header = ["comparison", "items"] + [f"Δ {label} {'↑' if d > 0 else '↓'}" for _, label, d in COMPARED]
+    rows, results = [], {}
+    for other in others:
+        result, shared = compare(arrays[target.method], arrays[other.method], target.reference, n_resamples, seed)
+        results[other.method] = result
+        rows.append([f"{target.method} − {other.method}", str(shared)]
+                    + [signed(*result[name]) if name in result else "n/a" for name, *_ in COMPARED])
+    verdicts = []
+    base = next((e for e in others if e.method == "base"), None)
+    rest = [e for e in others if e.method != "base" and e.consistency is not None]
+    strongest = max(rest, key=lambda e: e.consistency) if rest else None
+    named = f"the strongest baseline ({strongest.method})" if strongest else ""
+    for label, other in (("base", base), (named, strongest)):
+        if other is None:
+            continue
+        value, low, high = results[other.method]["consistency"]
+        verdict = ("higher" if low > 0 else "lower") if excludes_zero(low, high) else "no difference shown"
+        verdicts.append(f"{target.method} vs {label}: consistency {signed(value, low, high)} ({verdict}; paired "
+                        f"bootstrap 95% CI over the shared items)")
+    return header, rows, verdicts
