@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo quick audit test test-fast test-latest lock
+.PHONY: setup demo quick audit test test-fast test-latest lock lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup_env.sh scripts/check_env.py
 	bash scripts/setup_env.sh $(VENV)
@@ -19,6 +19,9 @@ quick: setup
 # The truth-consistency audit of the embedded model (100 TruthfulQA MC1 items x 9 groups).
 audit: setup
 	$(PY) -m trialign evaluate --config configs/audit/truthfulqa_mc1.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup
 	$(PY) -m pytest -q

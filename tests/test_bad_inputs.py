@@ -17,12 +17,11 @@ test_rollout.py, test_evaluate.py, test_configs.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +51,8 @@ class World:
         return path
 
     def fit(self, *extra: str, root: Path | None = None) -> list[str]:
-        return ["fit", "--config", str(ROOT / "configs/trialign.yaml"), *NO_TASK_VALIDATION, "--model.model", self.model,
+        return ["fit", "--config", str(ROOT / "configs/trialign.yaml"), *NO_TASK_VALIDATION,
+                "--model.model", self.model,
                 "--model.lora.target_modules", "all-linear", "--data.data_dir", str(self.data),
                 "--trainer.default_root_dir", str(root or self.run), "--trainer.max_steps", "1",
                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -139,7 +139,8 @@ def run_trialign(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_unknown_class_path_is_a_one_line_error_naming_it(data_dir, tmp_path):
-    done = run_trialign("fit", "--config", str(CONFIGS / "trialign.yaml"), *NO_TASK_VALIDATION, "--data.data_dir", data_dir,
+    done = run_trialign("fit", "--config", str(CONFIGS / "trialign.yaml"), *NO_TASK_VALIDATION,
+                        "--data.data_dir", data_dir,
                         "--model.aggregator", "trialign.modules.aggregators.NashWelfareTypo", cwd=tmp_path)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if "error" in line]
@@ -149,7 +150,8 @@ def test_unknown_class_path_is_a_one_line_error_naming_it(data_dir, tmp_path):
 
 
 def test_reference_group_missing_from_the_data_is_a_one_line_error(data_dir, tmp_path):
-    done = run_trialign("validate", "--config", str(CONFIGS / "trialign.yaml"), *NO_TASK_VALIDATION, "--data.data_dir", data_dir,
+    done = run_trialign("validate", "--config", str(CONFIGS / "trialign.yaml"), *NO_TASK_VALIDATION,
+                        "--data.data_dir", data_dir,
                         "--model.reference_group", "nobody", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (

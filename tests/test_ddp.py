@@ -37,7 +37,8 @@ def logged_rows(root: Path) -> list[dict[str, float]]:
 
 @pytest.mark.slow
 def test_two_process_ddp_gives_the_validation_metrics_of_one_process(tmp_path, tiny_model_dir):
-    data = write_synthetic_rollout(tmp_path / "data", items=14, groups=["neutral", "teenager", "retired_farmer"], seed=2,
+    data = write_synthetic_rollout(tmp_path / "data", items=14, groups=["neutral", "teenager", "retired_farmer"],
+                                   seed=2,
                                    config={"groups": "default", "expression": "explicit", "system_prompt": "none"})
     # Validation: 4 held-out rollout items and 5 TruthfulQA items (the config's val_task) asked under the personas.
     common = ["--config", str(ROOT / "configs/trialign.yaml"), "--data.val_limit", "5", "--model.model", tiny_model_dir,

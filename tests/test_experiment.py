@@ -30,8 +30,9 @@ def tiny_experiment(tmp_path: Path, model_dir: str, output: Path) -> Path:
         "name": "tiny", "output": str(output), "model": model_dir, "rollout_config": str(rollout),
         "methods": {"trialign": str(ROOT / "configs/trialign.yaml"), "bc": str(ROOT / "configs/baselines/bc.yaml")},
         "fit_args": ["--model.lora.target_modules", "all-linear", "--trainer.max_steps", "2",
-                     "--trainer.enable_progress_bar", "false", "--data.val_fraction", "0", "--trainer.limit_val_batches",
-                     "0", "--validate_before_fit", "false", "--validate_after_fit", "false"],
+                     "--trainer.enable_progress_bar", "false", "--data.val_fraction", "0",
+                     "--trainer.limit_val_batches", "0", "--validate_before_fit", "false",
+                     "--validate_after_fit", "false"],
         "training_free": ["base", "pref_aligner"],
         "eval_limit": 2, "eval_groups": "default", "personalization_limit": 1, "max_new_tokens": 4,
         "transfer_task": "bbq_age", "transfer_limit": 2, "bootstrap": 20}, sort_keys=False))

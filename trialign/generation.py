@@ -46,7 +46,8 @@ def generate_texts(
     try:
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for batch_number, batch in enumerate(tqdm(batches, desc="generate", disable=not progress, unit="batch")):
-            encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                                add_special_tokens=False)
             encoded = {k: v.to(device) for k, v in encoded.items()}
             sampling = {"do_sample": False}
             if temperature > 0:
