@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo quick audit test test-fast test-latest lock lint
+.PHONY: setup demo full quick audit test test-fast test-latest lock lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup_env.sh scripts/check_env.py
 	bash scripts/setup_env.sh $(VENV)
@@ -11,6 +11,10 @@ setup: $(VENV)/.installed
 # The main job on the embedded default model: the end-to-end experiment and its report.
 demo: setup
 	$(PY) -m trialign experiment --config configs/experiment/demo.yaml
+
+# Every method (8 trained, 3 training-free) at the demo's sizes.
+full: setup
+	$(PY) -m trialign experiment --config configs/experiment/full.yaml
 
 # The same pipeline in a few minutes (a smoke test, not a result).
 quick: setup

@@ -63,6 +63,11 @@ def test_generate_mode_scores_preferences_on_the_response(tmp_path, tiny_model_d
     rows = [json.loads(line) for line in (out / "per_item.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(isinstance(r["response"], str) for r in rows)
     assert all(0.0 <= r["personalization"] <= 1.0 for r in rows)
+    # autocast left at null is resolved from this CPU's bf16 support, and the value used is recorded.
+    from trialign.backbone import native_bf16
+
+    recorded = json.loads((out / "metrics.json").read_text())["config"]["autocast"]
+    assert recorded is native_bf16()
 
 
 def test_pref_aligner_rewrites_one_persona_free_draft_per_item(tmp_path, tiny_model_dir, monkeypatch):

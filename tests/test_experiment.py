@@ -62,6 +62,14 @@ def test_plan_holds_out_the_rollout_items_and_evaluates_pref_aligner_only_where_
     assert keys[:3] == ["rollout", "fit/trialign", "fit/bc"] and keys[-1] == "report"
 
 
+def test_evaluation_starts_after_the_states_and_asks_with_the_rollouts_template(tmp_path):
+    config = parse_config(["--config", str(tiny_experiment(tmp_path, "some/model", tmp_path / "out")),
+                           "--set", "rollout_set={states_limit: 5, probe_template: system_persona}"])
+    splits = Experiment(config).splits()
+    assert splits["main"]["offset"] == 2 + 5  # the rollout's items with episodes, then its states
+    assert {s["probe_template"] for s in splits.values()} == {"system_persona"}
+
+
 @pytest.mark.parametrize(("override", "expected"), [
     ("training_free=[oracle]", "training_free: unknown baseline(s) oracle"),
     ("methods={x: missing.yaml}", "methods.x: config file missing.yaml not found"),
@@ -145,7 +153,13 @@ def test_shipped_experiment_configs_parse_and_plan_every_method(path, monkeypatc
              "base", "same_answer", "pref_aligner"}
     if path.stem == "quick":  # the smoke run trains TriAlign and two baselines only
         assert methods == {"trialign", "bc", "dpo", "base", "same_answer", "pref_aligner"}
+    elif path.stem == "demo":  # fits 45 minutes: TriAlign, its ablation, the strongest trained baseline, base
+        assert methods == {"trialign", "trialign_no_penalty", "bc", "base", "pref_aligner"}
     else:
         assert methods == every
     assert {e["method"] for e in experiment.evaluations()} == methods
-    assert set(experiment.splits()) == {"main", "personalization", "heldout_groups", "transfer"}
+    splits = experiment.splits()
+    assert set(splits) == {"main", "personalization", "heldout_groups", "transfer"}
+    if path.stem in ("demo", "full"):  # the sizes a result needs (the "TriAlign works" issue): never smaller
+        assert splits["main"]["limit"] >= 150 and splits["heldout_groups"]["limit"] == splits["main"]["limit"]
+        assert splits["transfer"]["limit"] >= 100 and splits["personalization"]["limit"] >= 20

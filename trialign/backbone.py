@@ -176,6 +176,17 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 matrix products run natively on `device` (a CUDA GPU with bf16, or a CPU with AVX512-BF16 or
+    AMX): detected at run time, since machines differ. Where they do not, bf16 is emulated and slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name)()) for name in checks if cpu is not None and hasattr(cpu, name))
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

@@ -86,8 +86,10 @@ class EvaluateConfig:
     """Length limit of generated responses in `generate` mode."""
     dtype: str = "float32"
     """Model weights dtype."""
-    autocast: bool = False
-    """bf16 autocast for generation (about 2x faster on CPUs with AMX); the probe stays in the model dtype."""
+    autocast: bool | None = None
+    """bf16 autocast for generating responses; null (the default): on where bf16 is native (a CPU with AVX512-BF16
+    or AMX, a bf16 GPU: `trialign.backbone.native_bf16`), off elsewhere, where it would be slower. The probe always
+    runs in the model dtype. metrics.json records the value used."""
     alpha: float = 0.5
     """Weight of personalization in the reward/utility: r = truth + alpha * pers."""
     bootstrap: int = 1000
@@ -322,6 +324,10 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     if config.group_ids:
         groups = select_groups(groups, config.group_ids)
     started = time.perf_counter()
+    if config.autocast is None:
+        from trialign.backbone import native_bf16
+
+        config = dataclasses.replace(config, autocast=config.mode == "generate" and native_bf16())
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.dtype, cache_dir=config.cache_dir)
     if config.adapter:
         from trialign.backbone import load_adapter

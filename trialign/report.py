@@ -6,7 +6,8 @@ the method is each ``metrics.json``'s label, the split its task and group file).
 
 The report holds, per split, a results table (accuracy, worst-group accuracy, gap, consistency,
 consistent-and-correct, breakage, personalization, Nash welfare, each as ``value [95% CI]``, the best point estimate
-per column in bold), a per-group accuracy bar chart with CI whiskers and the per-group numbers; then a trade-off plot
+per column in bold), the paired differences of TriAlign to every other method, methods x groups heat maps of
+per-group accuracy and of agreement with the neutral user, and the per-group numbers; then a trade-off plot
 (mean accuracy vs. consistency, colour = personalization, one point per method), the configs, fingerprints and the
 files the numbers come from. Plots are PNGs drawn with matplotlib's Agg renderer: written beside the Markdown in
 ``report_files/`` (so it renders on GitHub) and embedded as base64 in the HTML (a single file, no external assets,
@@ -342,36 +343,45 @@ def _png(fig) -> bytes:
 
 
 def group_chart(report: Report, split: str) -> bytes:
-    """Per-group accuracy: groups on x, one bar per method, whiskers = 95% CI where the results have one."""
+    """Two methods x groups heat maps with the values in the cells: per-group accuracy, and how often each group's
+    answer equals the neutral (reference) user's on the same item (from the per-item rows; left blank without them).
+    A grid stays legible with 10 methods x 9 groups, where 90 bars would not."""
     import numpy as np
     from matplotlib.figure import Figure
 
+    from trialign.comparison import read_item_arrays
+
     evaluations = report.in_split(split)
     groups = split_groups(evaluations)
-    colours = _colours(report.methods)
-    fig = Figure(figsize=(max(6.0, 0.75 * len(groups) * max(1, len(evaluations)) ** 0.5 + 2.5), 3.8))
-    ax = fig.add_subplot()
-    width = 0.8 / max(1, len(evaluations))
-    x = np.arange(len(groups))
-    for k, e in enumerate(evaluations):
-        triples = [e.metric(f"acc/{g}") for g in groups]
-        values = np.array([t[0] if t[0] is not None else np.nan for t in triples])
-        pos = x - 0.4 + width * (k + 0.5)
-        ax.bar(pos, values, width, label=e.method, color=colours[e.method])
-        ci = [(i, v, lo, hi) for i, (v, lo, hi) in enumerate(triples) if None not in (v, lo, hi)]
-        if ci:
-            idx, v, lo, hi = map(np.array, zip(*ci))
-            ax.errorbar(pos[idx], v, yerr=[np.maximum(v - lo, 0), np.maximum(hi - v, 0)], fmt="none",
-                        ecolor="#333333", elinewidth=0.8, capsize=2)
+    accuracy = np.array([[e.metric(f"acc/{g}")[0] if e.metric(f"acc/{g}")[0] is not None else np.nan
+                          for g in groups] for e in evaluations], dtype=float)
+    agreement = np.full_like(accuracy, np.nan)
+    for row, e in enumerate(evaluations):
+        reference = e.document.get("reference")
+        if reference not in e.groups:
+            continue
+        try:
+            arrays = read_item_arrays(e.path.parent, e.groups)
+        except TriAlignError:
+            continue
+        same = arrays.answers == arrays.answers[:, [e.groups.index(reference)]]
+        for col, g in enumerate(groups):
+            if g in e.groups:
+                agreement[row, col] = same[:, e.groups.index(g)].mean()
+    width = 2 * (0.55 * len(groups) + 1.0) + 2.0
+    fig = Figure(figsize=(max(7.0, width), 0.45 * len(evaluations) + 2.2))
     reference = {e.document.get("reference") for e in evaluations}
-    ax.set_xticks(x, [f"{g}\n(reference)" if g in reference else g for g in groups], rotation=30, ha="right",
-                  fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"Per-group accuracy: {split}", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    labels = [f"{g} (ref.)" if g in reference else g for g in groups]
+    for k, (values, title) in enumerate(((accuracy, "accuracy"), (agreement, "same answer as the neutral user"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.imshow(np.nan_to_num(values, nan=0.0), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if not np.isnan(v) and v > 0.6 else "white")
+        ax.set_xticks(range(len(groups)), labels, rotation=35, ha="right", fontsize=7)
+        ax.set_yticks(range(len(evaluations)), [e.method for e in evaluations] if k == 0 else [], fontsize=8)
+        ax.set_title(f"{title}: {split}", fontsize=9)
+    fig.subplots_adjust(left=0.18, right=0.98, bottom=0.3, wspace=0.08)
     return _png(fig)
 
 
@@ -462,7 +472,8 @@ def render_markdown(report: Report, files_dir: str = FILES_DIR) -> str:
             if p_header:
                 out += [f"**Paired differences** ({PAIRED_NOTE}):", ""] + _md_table(p_header, p_rows) + [""]
             out += [f"- {line}" for line in verdicts] + [""]
-        out += [f"![Per-group accuracy, {split}]({files_dir}/{plot_name(report, split)})", ""]
+        alt = f"Per-group accuracy and agreement with the neutral user, {split}"
+        out += [f"![{alt}]({files_dir}/{plot_name(report, split)})", ""]
         g_header, g_rows = group_table(evaluations)
         out += ["<details><summary>Per-group accuracy [95% CI]</summary>", ""] + _md_table(g_header, g_rows)
         out += ["", "</details>", ""]
@@ -560,7 +571,8 @@ def render_html(report: Report, plots: dict[str, bytes]) -> str:
                         _html_table(p_header, p_rows)]
             out.append('<ul class="notes">')
             out += [f"<li>{_h(line)}</li>" for line in verdicts] + ["</ul>"]
-        out.append(_img(plots[plot_name(report, split)], f"Per-group accuracy, {split}"))
+        out.append(_img(plots[plot_name(report, split)],
+                        f"Per-group accuracy and agreement with the neutral user, {split}"))
         g_header, g_rows = group_table(evaluations)
         out += ["<details><summary>Per-group accuracy [95% CI]</summary>", _html_table(g_header, g_rows),
                 "</details>"]
