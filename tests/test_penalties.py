@@ -167,3 +167,44 @@ def test_mismatched_shapes_are_reported():
         JensenShannon()(x, om[:, :3], gold, gm, has)
     with pytest.raises(ValueError, match="option_logprobs"):
         JensenShannon()(x[:, :, 0], om, gold, gm, has)
+
+
+def test_anchored_penalty_matches_numpy_and_leaves_the_reference_without_gradient():
+    from trialign.modules.penalties import AnchoredToReference
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(-5, 3, size=(3, 4, 3))
+    option_mask = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=bool)
+    group_mask = np.ones((3, 4), dtype=bool)
+    group_mask[2, 3] = False  # group 3 absent on item 2
+    reference = 1
+    expected = []
+    for b in range(3):
+        x = logits[b][:, option_mask[b]]
+        p = np.exp(x - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        others = [g for g in range(4) if g != reference and group_mask[b, g]]
+        expected.append(np.mean([(p[reference] * np.log(p[reference] / p[g])).sum() for g in others]))
+    tensor = torch.tensor(logits, requires_grad=True)
+    value = AnchoredToReference(reference_index=reference)(
+        tensor, torch.tensor(option_mask), torch.zeros(3, 4), torch.tensor(group_mask), torch.ones(3, dtype=bool))
+    assert value.item() == pytest.approx(np.mean(expected), rel=1e-9)
+    value.backward()
+    assert tensor.grad[:, reference].abs().sum() == 0  # the anchor is held fixed
+    assert tensor.grad[:, [0, 2, 3]].abs().sum() > 0
+
+
+def test_anchored_penalty_needs_the_reference_group(tiny_model_dir):
+    from trialign.errors import TriAlignError
+    from trialign.modules.aggregators import NashSocialWelfare
+    from trialign.modules.objectives import AdvantageWeighted
+    from trialign.modules.penalties import AnchoredToReference
+    from trialign.modules.trialign_module import TriAlignModule
+    from trialign.modules.values import MonteCarlo
+
+    make = lambda reference: TriAlignModule(["teen", "neutral"], MonteCarlo(), AdvantageWeighted(),  # noqa: E731
+                                            NashSocialWelfare(), CombinedPenalty(options=AnchoredToReference()),
+                                            model=tiny_model_dir, reference_group=reference)
+    with pytest.raises(TriAlignError, match="model.penalty: AnchoredToReference needs model.reference_group"):
+        make(None)
+    assert make("neutral").penalty.options.reference_index == 1

@@ -16,6 +16,8 @@ the caller chooses) × G groups:
   log-probability. Free-form items by default; all items with `free_form_only=False`.
 * `GoldLogProbShortfall`: one-sided, mean_g relu(mean − x_g)²: only groups *below* the mean are penalized, so the
   penalty never pushes a well-served group down.
+* `AnchoredToReference`: mean over the other groups of KL(p_ref ‖ p_g) with the reference (persona-free) group's
+  distribution held fixed: personas are pulled to the neutral user's answer, not to any consensus. Option items.
 * `CombinedPenalty` (the default): one penalty for option items, another for free-form items.
 * `NoPenalty`: 0 (the "TriAlign without penalty" ablation).
 
@@ -84,6 +86,41 @@ class JensenShannon(InconsistencyPenalty):
         r = torch.where(valid, log_p - log_m[:, None, :], torch.zeros_like(log_p))  # padding: r = 0, φ = 0
         phi = r * r.exp() - torch.expm1(r)
         return (log_m.exp()[:, None, :] * phi).sum((1, 2)) / n, has_options & (groups >= 2)
+
+
+class AnchoredToReference(InconsistencyPenalty):
+    """Mean over the other groups of KL(p_ref ‖ p_g), the reference (persona-free) group's answer distribution held
+    fixed (no gradient through it): every persona is pulled to the answer the model gives without one.
+
+    JSD's minimizers are *any* consensus, including one a persona pulled towards a wrong answer; anchoring to the
+    neutral user's distribution is the Truth-Invariant Alignment condition read literally — the answer must not
+    depend on who asks, i.e. equal the answer to nobody in particular — and leaves the reference group to the truth
+    term. Option items with the reference group and at least one other group probed.
+
+    Args:
+        reference_index: position of the reference group in the data's group order; `TriAlignModule` sets it from
+            its `reference_group` (None until then, which is an error at the first call).
+    """
+
+    def __init__(self, reference_index: int | None = None):
+        super().__init__()
+        self.reference_index = reference_index
+
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+        if self.reference_index is None:
+            raise ValueError("AnchoredToReference: reference_index is not set (give TriAlignModule a "
+                             "reference_group)")
+        ref = self.reference_index
+        valid = option_mask[:, None, :] & group_mask[:, :, None]
+        x = torch.where(valid, _float(option_logprobs), torch.full_like(_float(option_logprobs), _MASKED))
+        log_p = torch.log_softmax(x.clamp(min=_MASKED), dim=-1)  # [B, G, O]
+        log_ref = log_p[:, ref:ref + 1, :].detach()
+        kl = torch.where(valid, log_ref.exp() * (log_ref - log_p), torch.zeros_like(log_p)).sum(-1)  # [B, G]
+        others = group_mask.clone()
+        others[:, ref] = False
+        count = others.sum(-1)
+        value = torch.where(others, kl, torch.zeros_like(kl)).sum(-1) / count.clamp(min=1).to(kl.dtype)
+        return value, has_options & group_mask[:, ref] & (count >= 1)
 
 
 def _group_moments(gold_logprob: torch.Tensor, group_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,

@@ -87,7 +87,7 @@ from trialign.modules.aggregators import Aggregator
 from trialign.modules.heads import GroupValueHeads
 from trialign.modules.kl import reference_kl
 from trialign.modules.objectives import PolicyObjective
-from trialign.modules.penalties import InconsistencyPenalty, NoPenalty
+from trialign.modules.penalties import AnchoredToReference, InconsistencyPenalty, NoPenalty
 from trialign.modules.policy import SHARED_ADAPTER, Policy
 from trialign.modules.truth import expected_truth, truth_loss
 from trialign.modules.utility import GroupUtility, snis_group_means
@@ -190,6 +190,11 @@ class TriAlignModule(LightningModule):
         if reference_group is not None and reference_group not in self.group_names:
             raise TriAlignError(f"model.reference_group: '{reference_group}' is not one of the data's groups "
                                 f"{self.group_names}")
+        for part in penalty.modules():  # a penalty anchored to the reference group needs to know where it is
+            if isinstance(part, AnchoredToReference):
+                if reference_group is None:
+                    raise TriAlignError("model.penalty: AnchoredToReference needs model.reference_group")
+                part.reference_index = self.group_names.index(reference_group)
         self.value = value
         self.objective = objective
         self.aggregator = aggregator
