@@ -35,6 +35,7 @@ import yaml
 
 from trialign.config_io import FlagParser
 from trialign.errors import TriAlignError, require
+from trialign.experiment import SPLITS
 from trialign.fileio import write_bytes_atomic
 
 # (metrics.json name, column header, direction: +1 higher is better, -1 lower is better).
@@ -49,7 +50,7 @@ COLUMNS = [
     ("nash_welfare", "Nash welfare", +1),
 ]
 DIGITS = 3
-SPLIT_ORDER = ("main", "personalization", "heldout_groups", "transfer")
+SPLIT_ORDER = SPLITS  # the experiment's splits, in its order
 SPLIT_NOTES = {
     "main": "held-out items of the training task, training groups",
     "heldout_groups": "personas never seen in training",
