@@ -311,7 +311,8 @@ def test_validation_probes_task_items_asked_as_the_rollout_asked(persona_rollout
     for m, (b, g, o) in enumerate(batch["probe_index"].tolist()):
         item = items[batch["item_ids"][b]]
         messages = [{"role": "system", "content": SAME_ANSWER_SYSTEM_PROMPT},
-                    *build_messages(item, groups[g], expression="explicit")]
+                    *build_messages(item, groups[g], expression="explicit", template="final_answer")]
+        # The manifest records no probe template: a dataset from before templates, asked with the old one.
         context = render_context(embedded_tokenizer, messages, None, "Final answer:")
         context_ids, continuation_ids = probe._encode_pairs([context], [list(item.options)])
         real = batch["probe_attention_mask"][m].bool()
