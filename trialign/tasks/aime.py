@@ -10,12 +10,11 @@ No license is stated for either copy; the problems are (c) the MAA (see ATTRIBUT
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from trialign.errors import TriAlignError
-from trialign.tasks.datafiles import benchmark_file
+from trialign.tasks.datafiles import benchmark_jsonl
 from trialign.tasks.hub import load_hub_rows
 from trialign.tasks.item import Item
 
@@ -53,10 +52,7 @@ def aime_items(task: str, records: list[dict[str, Any]], origin: str) -> list[It
 
 
 def load_local(task: str, seed: int) -> list[Item]:
-    path = benchmark_file(FILES[task])
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return aime_items(task, records, str(path))
+    return aime_items(task, *benchmark_jsonl(FILES[task]))
 
 
 def load_hub(task: str, seed: int) -> list[Item]:

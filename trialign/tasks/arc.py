@@ -9,11 +9,10 @@ after normalising digits to letters (``"1"`` -> ``"A"``). Items have 3 to 5 opti
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from trialign.errors import TriAlignError
-from trialign.tasks.datafiles import benchmark_file
+from trialign.tasks.datafiles import benchmark_jsonl
 from trialign.tasks.hub import load_hub_rows
 from trialign.tasks.item import Item
 
@@ -48,10 +47,7 @@ def arc_items(task: str, records: list[dict[str, Any]], origin: str) -> list[Ite
 
 
 def load_local(task: str, seed: int) -> list[Item]:
-    path = benchmark_file(FILES[task])
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return arc_items(task, records, str(path))
+    return arc_items(task, *benchmark_jsonl(FILES[task]))
 
 
 def load_hub(task: str, seed: int) -> list[Item]:

@@ -15,12 +15,11 @@ their intersections) were not available as unmodified copies and are not shipped
 
 from __future__ import annotations
 
-import json
 from itertools import zip_longest
 from typing import Any, Callable
 
 from trialign.errors import TriAlignError
-from trialign.tasks.datafiles import benchmark_file
+from trialign.tasks.datafiles import benchmark_jsonl
 from trialign.tasks.hub import load_hub_rows
 from trialign.tasks.item import Item
 
@@ -58,9 +57,7 @@ def interleave(per_category: list[list[Item]]) -> list[Item]:
 
 
 def _local_records(category: str) -> tuple[list[dict[str, Any]], str]:
-    path = benchmark_file(f"bbq/{category}.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()], str(path)
+    return benchmark_jsonl(f"bbq/{category}.jsonl")
 
 
 def _hub_records(category: str) -> tuple[list[dict[str, Any]], str]:

@@ -74,3 +74,12 @@ def benchmark_file(relative: str) -> Path:
         )
     _verified[key] = (stat.st_size, stat.st_mtime_ns)
     return path
+
+
+def benchmark_jsonl(relative: str) -> tuple[list[dict], str]:
+    """The records of a shipped JSON-lines benchmark file (verified as `benchmark_file` does) and its path."""
+    import json
+
+    path = benchmark_file(relative)
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()], str(path)

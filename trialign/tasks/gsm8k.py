@@ -7,11 +7,10 @@ in ``meta["solution"]``. Only the test split is shipped; the paper does not name
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from trialign.errors import TriAlignError
-from trialign.tasks.datafiles import benchmark_file
+from trialign.tasks.datafiles import benchmark_jsonl
 from trialign.tasks.hub import load_hub_rows
 from trialign.tasks.item import Item
 
@@ -40,10 +39,7 @@ def gsm8k_items(task: str, records: list[dict[str, Any]], origin: str) -> list[I
 
 
 def load_local(task: str, seed: int) -> list[Item]:
-    path = benchmark_file(TEST_FILE)
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return gsm8k_items(task, records, str(path))
+    return gsm8k_items(task, *benchmark_jsonl(TEST_FILE))
 
 
 def load_hub(task: str, seed: int) -> list[Item]:
