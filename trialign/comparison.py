@@ -74,9 +74,10 @@ def records_from_rows(rows: Sequence[dict[str, Any]], group_names: Sequence[str]
         if row.get("personalization") is not None:
             pers[i, j] = float(row["personalization"])
             responses = True
-    missing = [(item, names[j]) for item, i in items.items() for j in range(g) if canonical[i][j] is None]
-    require(not missing, f"{where}: no row for item {missing[0][0] if missing else ''!r} and group "
-                         f"{missing[0][1] if missing else ''!r}")
+    missing = next(((item, names[j]) for item, i in items.items() for j in range(g) if canonical[i][j] is None),
+                   None)
+    if missing is not None:
+        raise TriAlignError(f"{where}: no row for item {missing[0]!r} and group {missing[1]!r}")
     answers = np.zeros((n, g), dtype=np.int64)
     for i, answers_of_item in enumerate(canonical):
         table: dict[str, int] = {}
@@ -118,7 +119,8 @@ def compare(a: ItemArrays, b: ItemArrays, reference: str | None, n_resamples: in
     from trialign.stats import paired_bootstrap
 
     require(a.group_names == b.group_names, f"groups differ: {a.group_names} vs {b.group_names}")
-    shared = [item for item in a.item_ids if item in set(b.item_ids)]
+    in_b = set(b.item_ids)
+    shared = [item for item in a.item_ids if item in in_b]
     require(bool(shared), "the two evaluations share no item")
     a, b = a.take(shared), b.take(shared)
     data = lambda x: {"correct": x.correct, "answers": x.answers, "personalization": x.personalization}  # noqa: E731
