@@ -269,6 +269,89 @@ def test_states_mix_with_episode_items_deterministically_and_by_item_across_rank
     assert not per_rank[0] & per_rank[1] and len(per_rank[0]) == len(per_rank[1]) == 5
 
 
+@pytest.fixture(scope="module")
+def mixed_rollout(tmp_path_factory):
+    """4 items with episodes and 8 cross-group states."""
+    return str(write_synthetic_rollout(tmp_path_factory.mktemp("mixed"), items=12, groups=3, samples=2, turns=2,
+                                       states=8, shards=2))
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "in-memory"])
+def test_batch_mix_puts_episodes_in_every_batch_deterministically_and_ranks_disjoint(mixed_rollout, streaming):
+    make = lambda seed=3, **kw: GroupTrajectoryDataModule(mixed_rollout, EMBEDDED, batch_size=3, seed=seed,
+                                                          val_fraction=0.0, episodes_per_batch=1,
+                                                          streaming=streaming, **kw)
+    module = make()
+    states = set(module.index.state_item_ids)
+    episodes = set(module.index.item_ids) - states
+    assert len(states) == 8 and len(episodes) == 4
+    first = _item_batches(module.make_dataloader("train"), 0)
+    assert len(first) == 4 and all(len(b) == 3 for b in first)  # 8 states, 2 a batch: the states set the epoch
+    assert [sum(i in episodes for i in b) for b in first] == [1, 1, 1, 1]
+    assert sorted(i for b in first for i in b if i in states) == sorted(states)  # each state once an epoch
+    assert {i for b in first for i in b if i in episodes} == episodes  # one pass over the 4 episode items
+    assert first == _item_batches(make().make_dataloader("train"), 0)
+    assert first != _item_batches(module.make_dataloader("train"), 1)
+    assert first != _item_batches(make(seed=4).make_dataloader("train"), 0)
+    per_rank = []
+    for rank in (0, 1):
+        loader = module.make_dataloader("train", rank=rank, world_size=2)
+        batches = _item_batches(loader, 2)
+        assert len(batches) == len(loader) == 2
+        for batch in batches:  # has_episodes follows the kinds; episode items at the end of the batch
+            assert [i in episodes for i in batch] == [False, False, True]
+        per_rank.append([[i for i in b if i in states] for b in batches] +
+                        [[i for i in b if i in episodes] for b in batches])
+    states_of = [set(sum(r[:2], [])) for r in per_rank]
+    episodes_of = [set(sum(r[2:], [])) for r in per_rank]
+    assert not states_of[0] & states_of[1] and len(states_of[0]) == len(states_of[1]) == 4
+    assert not episodes_of[0] & episodes_of[1]  # one pass: dealt like the states
+    parallel = make(num_workers=2)
+    assert _item_batches(parallel.make_dataloader("train"), 1) == _item_batches(module.make_dataloader("train"), 1)
+
+
+def test_batch_mix_episode_items_cycle_when_the_states_outlast_them(mixed_rollout):
+    module = GroupTrajectoryDataModule(mixed_rollout, EMBEDDED, batch_size=2, seed=0, val_fraction=0.0,
+                                       episodes_per_batch=1)
+    batches = _item_batches(module.make_dataloader("train"), 0)
+    states = set(module.index.state_item_ids)
+    assert len(batches) == 8  # 8 states, 1 a batch, and the 4 episode items twice over
+    passes = [[b[1] for b in batches[:4]], [b[1] for b in batches[4:]]]
+    assert all(b[0] in states and b[1] not in states for b in batches)
+    assert sorted(passes[0]) == sorted(passes[1]) == sorted(set(module.index.item_ids) - states)
+
+
+def test_batch_mix_resumes_mid_epoch(mixed_rollout, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    make = lambda: GroupTrajectoryDataModule(mixed_rollout, EMBEDDED, batch_size=2, seed=2, val_fraction=0.0,
+                                             episodes_per_batch=1)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{step}", every_n_train_steps=3)
+    full = _Recorder.make()
+    _trainer(tmp_path, max_epochs=2, callbacks=[checkpoints]).fit(full, datamodule=make())
+    assert len(full.seen) == 16
+    resumed = _Recorder.make()
+    _trainer(tmp_path, max_epochs=2).fit(resumed, datamodule=make(), ckpt_path=str(tmp_path / "ckpt" / "step=3.ckpt"))
+    assert resumed.seen == full.seen[3:]
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"batch_size": 2, "episodes_per_batch": 2}, "data.episodes_per_batch: expected 1 to batch_size − 1 (1)"),
+    ({"batch_size": 2, "episodes_per_batch": 0}, "data.episodes_per_batch: expected 1 to batch_size − 1 (1)"),
+    ({"batch_size": 6, "episodes_per_batch": 5}, "data.episodes_per_batch: 5 episode items per batch, but the "
+                                                 "training items hold 4 with episodes"),
+])
+def test_batch_mix_errors_name_the_field(mixed_rollout, kwargs, expected):
+    with pytest.raises(TriAlignError) as error:
+        GroupTrajectoryDataModule(mixed_rollout, EMBEDDED, val_fraction=0.0, **kwargs).setup("fit")
+    assert expected in str(error.value)
+
+
+def test_batch_mix_needs_states(rollout_dir):
+    with pytest.raises(TriAlignError, match="data.episodes_per_batch: the training items hold 0 cross-group"):
+        GroupTrajectoryDataModule(rollout_dir, EMBEDDED, batch_size=2, episodes_per_batch=1).setup("fit")
+
+
 def test_workers_yield_the_same_batches(rollout_dir):
     serial = GroupTrajectoryDataModule(rollout_dir, EMBEDDED, batch_size=2, seed=1)
     parallel = GroupTrajectoryDataModule(rollout_dir, EMBEDDED, batch_size=2, seed=1, num_workers=2)

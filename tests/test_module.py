@@ -152,6 +152,32 @@ def test_probe_logprobs_equal_direct_forwards(tiny_model_dir, embedded_tokenizer
     assert not bool(batch["has_options"][-1])  # the free-form item is probed on its gold text
 
 
+def test_reference_anchor_is_the_reference_groups_probe_with_adapters_disabled(tiny_model_dir, embedded_tokenizer):
+    from trialign.modules.penalties import AnchoredToReference
+
+    (batch,), names = make_batches(embedded_tokenizer)
+    module = TriAlignModule(names, MonteCarlo(), AdvantageWeighted(), NashSocialWelfare(),
+                            CombinedPenalty(options=AnchoredToReference(anchor="reference_model")),
+                            model=tiny_model_dir, lora=SMALL_LORA, reference_group=names[1], penalty_coef=1.0)
+    module.configure_model()
+    perturb_adapters(module)
+    module.eval()
+    anchor = module.reference_anchor(batch)
+    with torch.no_grad():
+        policy = module.probe_logprobs(batch)["option_logprobs"][:, 1]
+        with module.policy.reference():
+            reference = module.probe_logprobs(batch)["option_logprobs"][:, 1]
+    valid = batch["option_mask"].bool()
+    torch.testing.assert_close(anchor[valid], reference[valid], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(anchor[valid], policy[valid], atol=1e-2)  # the adapters matter, the anchor ignores them
+    module.train()
+    total, parts = module.compute_loss(batch)
+    assert parts["penalty"].item() > 0
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.trainable_parameters())
+    assert make_module(tiny_model_dir, names).reference_anchor(batch) is None  # JSD needs no anchor
+
+
 # --- which weights train ----------------------------------------------------------------------------------------------
 
 def test_training_changes_adapters_and_heads_not_base_weights(tiny_model_dir, embedded_tokenizer):

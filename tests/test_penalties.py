@@ -194,6 +194,39 @@ def test_anchored_penalty_matches_numpy_and_leaves_the_reference_without_gradien
     assert tensor.grad[:, [0, 2, 3]].abs().sum() > 0
 
 
+def test_anchored_to_the_reference_model_matches_numpy_over_every_group():
+    from trialign.modules.penalties import AnchoredToReference
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(-5, 3, size=(2, 3, 4))
+    anchor = rng.normal(-5, 3, size=(2, 4))
+    option_mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=bool)
+    group_mask = np.ones((2, 3), dtype=bool)
+    group_mask[1, 2] = False
+    softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(  # noqa: E731
+        -1, keepdims=True)
+    expected = []
+    for b in range(2):
+        a = softmax(anchor[b][option_mask[b]])
+        kls = [(a * np.log(a / softmax(logits[b, g][option_mask[b]]))).sum() for g in range(3) if group_mask[b, g]]
+        expected.append(np.mean(kls))  # the reference group (0) counts too
+    tensor = torch.tensor(logits, requires_grad=True)
+    penalty = AnchoredToReference(reference_index=0, anchor="reference_model")
+    assert penalty.needs_anchor and CombinedPenalty(options=penalty).needs_anchor
+    assert not AnchoredToReference(reference_index=0).needs_anchor and not CombinedPenalty().needs_anchor
+    args = (tensor, torch.tensor(option_mask), torch.zeros(2, 3), torch.tensor(group_mask), torch.ones(2, dtype=bool))
+    value = penalty(*args, anchor=torch.tensor(anchor))
+    assert value.item() == pytest.approx(np.mean(expected), rel=1e-9)
+    value.backward()
+    assert tensor.grad[:, 0].abs().sum() > 0  # the persona-free answer is held to the reference model too
+    with pytest.raises(ValueError, match="needs the reference model's distribution"):
+        penalty(*args)
+    with pytest.raises(ValueError, match="anchor"):
+        penalty(*args, anchor=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="AnchoredToReference.anchor: expected one of current, reference_model"):
+        AnchoredToReference(anchor="neutral")
+
+
 def test_anchored_penalty_needs_the_reference_group(tiny_model_dir):
     from trialign.errors import TriAlignError
     from trialign.modules.aggregators import NashSocialWelfare

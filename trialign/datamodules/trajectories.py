@@ -33,6 +33,11 @@ DESIGN.md "Data": the rollout writes Parquet shards with one row per item holdin
   proportion on average (deterministic for a seed; all groups of a state on one rank). The collator gives a state
   row probe sequences only; `TriAlignModule` applies the penalty and the truth term to every row's s_0 and the
   episode terms to the episode rows.
+* **Batch mix.** States are cheap and many, episodes expensive and few, so in one permutation most batches hold no
+  episode and the episode terms (policy, value, KL) act on a few steps only. With ``episodes_per_batch = k`` every
+  training batch holds k episode items and B − k states: the state items define the epoch (split, permuted and
+  dealt to ranks as above, B − k per batch) and the episode items cycle, each pass over them a new seeded
+  permutation dealt to ranks the same way (ranks disjoint, deterministic for a seed, resumable like the rest).
 * **Validation on task items.** A rollout is expensive per item, so its held-out items are few. With ``val_task``
   (e.g. the rollout's own task), validation also probes ``val_limit`` of that task's items — items the rollout did
   not use, after the first ``val_offset`` in the task's stable order — under every group's persona, asked exactly as
@@ -53,6 +58,7 @@ DESIGN.md "Data": the rollout writes Parquet shards with one row per item holdin
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -71,6 +77,9 @@ from trialign.rollout.manifest import MANIFEST as MANIFEST_NAME, read_manifest
 from trialign.rollout.schema import ROW_KINDS, answer_columns, features
 
 log = logging.getLogger(__name__)
+
+# Stream epochs reserved per training epoch: pass c over the episode items in epoch e re-seeds as e·_PASSES + c.
+_PASSES = 1_000_000
 
 NONFINITE_SKIP_FIELDS = ("reward", "ret", "behavior_logprob")
 """Turn fields whose NaN/Inf makes the whole item skipped."""
@@ -396,11 +405,20 @@ class ItemStream(IterableDataset):
     """Yields this rank's rollout rows of one split, as one list of rows per batch."""
 
     def __init__(self, files: Sequence[str], item_ids: Sequence[str], batch_size: int, *, train: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, streaming: bool = True, shuffle_buffer: int = 64):
+                 rank: int = 0, world_size: int = 1, streaming: bool = True, shuffle_buffer: int = 64,
+                 episodes_per_batch: int | None = None, state_item_ids: Sequence[str] = ()):
         if world_size < 1 or not 0 <= rank < world_size:
             raise TriAlignError(f"rank {rank} / world size {world_size}: expected 0 <= rank < world size")
         self.files = list(files)
         self.item_ids = list(item_ids)
+        self.episodes_per_batch = episodes_per_batch if train else None
+        """k: episode items per training batch, the other B − k being states (None: one mixed permutation)."""
+        states = set(state_item_ids)
+        self.state_ids = [i for i in self.item_ids if i in states]
+        self.episode_ids = [i for i in self.item_ids if i not in states]
+        if self.episodes_per_batch is not None:
+            check_batch_mix(len(self.state_ids), len(self.episode_ids), batch_size, self.episodes_per_batch,
+                            world_size)
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
@@ -417,8 +435,24 @@ class ItemStream(IterableDataset):
         self.epoch = int(epoch)
 
     def plan(self, epoch: int | None = None) -> tuple[list[str], list[int]]:
-        return epoch_plan(self.item_ids, self.batch_size, self.rank, self.world_size,
-                          self.epoch if epoch is None else epoch, self.seed, self.train)
+        """This rank's items of the epoch and its batch sizes; with a batch mix, its state items and the number of
+        states in each batch (each batch also holds `episodes_per_batch` episode items)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.episodes_per_batch is not None:
+            return epoch_plan(self.state_ids, self.batch_size - self.episodes_per_batch, self.rank, self.world_size,
+                              epoch, self.seed, True)
+        return epoch_plan(self.item_ids, self.batch_size, self.rank, self.world_size, epoch, self.seed, self.train)
+
+    def _episode_rows(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """This rank's episode items, over and over: each pass a new seeded order (a mixed batch's episode part)."""
+        for cycle in itertools.count():
+            order = np.random.default_rng([self.seed, epoch, cycle, 1]).permutation(len(self.episode_ids))
+            mine = [self.episode_ids[i] for i in order[self.rank::self.world_size]]
+            mine = mine[:len(self.episode_ids) // self.world_size]
+            # A distinct stream epoch per (epoch, pass) re-seeds the streaming shuffle.
+            rows = (self._streamed_rows(epoch * _PASSES + cycle, set(mine)) if self.streaming
+                    else self._memory_rows(mine))
+            yield from rows
 
     def __len__(self) -> int:
         return len(self.plan()[1])
@@ -461,6 +495,9 @@ class ItemStream(IterableDataset):
         if not sizes:
             return
         rows = self._streamed_rows(epoch, set(mine)) if self.streaming else self._memory_rows(mine)
+        if self.episodes_per_batch is not None:
+            yield from self._mixed_batches(rows, sizes, self._episode_rows(epoch), skip, worker_id, num_workers)
+            return
         ends = np.cumsum(sizes)
         batch, position, current = 0, 0, []
         for row in rows:
@@ -478,6 +515,36 @@ class ItemStream(IterableDataset):
         if batch < len(sizes):
             raise TriAlignError(f"rollout files changed while training: expected {int(ends[-1])} items for rank "
                                 f"{self.rank}, the stream held {position}")
+
+
+    def _mixed_batches(self, state_rows: Iterator[dict[str, Any]], sizes: list[int],
+                       episode_rows: Iterator[dict[str, Any]], skip: int, worker_id: int, num_workers: int
+                       ) -> Iterator[list[dict[str, Any]]]:
+        """Batch j: the next sizes[j] state rows, then the next `episodes_per_batch` episode rows."""
+        for batch, size in enumerate(sizes):
+            current = list(itertools.islice(state_rows, size)) + list(itertools.islice(episode_rows,
+                                                                                      self.episodes_per_batch))
+            if len(current) < size + self.episodes_per_batch:
+                raise TriAlignError(f"rollout files changed while training: rank {self.rank}'s batch {batch} "
+                                    f"has {len(current)} of its {size + self.episodes_per_batch} items")
+            if batch >= skip and (batch - skip) % num_workers == worker_id:
+                yield current
+
+
+def check_batch_mix(num_states: int, num_episodes: int, batch_size: int, episodes_per_batch: int,
+                    world_size: int) -> None:
+    """One-line errors for a batch mix the training items cannot fill (see "Batch mix" in the module docstring)."""
+    where = "data.episodes_per_batch"
+    if not 1 <= episodes_per_batch < batch_size:
+        raise TriAlignError(f"{where}: expected 1 to batch_size − 1 ({batch_size - 1}) episode items per batch, "
+                            f"got {episodes_per_batch}")
+    if num_states < world_size:
+        raise TriAlignError(f"{where}: the training items hold {num_states} cross-group state(s) for {world_size} "
+                            "rank(s); a mixed batch needs states (rollout states_limit) or leave it null")
+    if num_episodes // world_size < episodes_per_batch:
+        raise TriAlignError(f"{where}: {episodes_per_batch} episode items per batch, but the training items hold "
+                            f"{num_episodes} with episodes ({num_episodes // world_size} per rank for {world_size} "
+                            "rank(s))")
 
 
 class ValidationStream(IterableDataset):
@@ -620,6 +687,7 @@ class GroupTrajectoryDataModule(LightningDataModule):
         val_task: str | None = None,
         val_limit: int = 24,
         val_offset: int = 0,
+        episodes_per_batch: int | None = None,
     ):
         """
         Args:
@@ -639,6 +707,8 @@ class GroupTrajectoryDataModule(LightningDataModule):
                 group's persona rendered as the rollout rendered its own (see "Validation on task items").
             val_limit: how many of `val_task`'s items.
             val_offset: items of `val_task` (in its stable order) passed over before they are taken.
+            episodes_per_batch: k: every training batch holds k items with episodes and B − k cross-group states,
+                the episode items cycling (see "Batch mix"); None: episode and state items in one permutation.
         """
         super().__init__()
         if batch_size < 1:
@@ -657,6 +727,9 @@ class GroupTrajectoryDataModule(LightningDataModule):
             raise TriAlignError(f"data.val_limit: expected a positive number of items, got {val_limit}")
         if val_offset < 0:
             raise TriAlignError(f"data.val_offset: expected 0 or more, got {val_offset}")
+        if episodes_per_batch is not None and not 1 <= episodes_per_batch < batch_size:
+            raise TriAlignError(f"data.episodes_per_batch: expected 1 to batch_size − 1 ({batch_size - 1}) episode "
+                                f"items per batch, or null, got {episodes_per_batch}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.tokenizer_source = tokenizer
@@ -672,6 +745,7 @@ class GroupTrajectoryDataModule(LightningDataModule):
         self.val_task = val_task
         self.val_limit = val_limit
         self.val_offset = val_offset
+        self.episodes_per_batch = episodes_per_batch
         self._index: RolloutIndex | None = None
         self._task_rows: list[dict[str, Any]] | None = None
         self._tokenizer = None
@@ -732,6 +806,10 @@ class GroupTrajectoryDataModule(LightningDataModule):
         if stage in (None, "fit") and len(train) < world_size:
             raise TriAlignError(f"data.data_dir '{self.data_dir}': {len(train)} training item(s) for {world_size} "
                                 "rank(s); lower data.val_fraction or add items")
+        if stage in (None, "fit") and self.episodes_per_batch is not None:
+            states = set(self.index.state_item_ids)
+            num_states = sum(item in states for item in train)
+            check_batch_mix(num_states, len(train) - num_states, self.batch_size, self.episodes_per_batch, world_size)
         self.collator  # noqa: B018 - load the tokenizer on every rank before the loops start
 
     def _distributed(self) -> tuple[int, int]:
@@ -768,7 +846,8 @@ class GroupTrajectoryDataModule(LightningDataModule):
         train, val = self.split()
         stream = ItemStream(self.index.files, train if split == "train" else val, self.batch_size,
                             train=split == "train", seed=self.seed, rank=rank, world_size=world_size,
-                            streaming=self.streaming, shuffle_buffer=self.shuffle_buffer)
+                            streaming=self.streaming, shuffle_buffer=self.shuffle_buffer,
+                            episodes_per_batch=self.episodes_per_batch, state_item_ids=self.index.state_item_ids)
         if split == "val" and self.task_rows:
             stream = ValidationStream(stream, self.task_rows)
         position = self._train_position if split == "train" and self.trainer is not None else None

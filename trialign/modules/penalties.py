@@ -16,8 +16,9 @@ the caller chooses) × G groups:
   log-probability. Free-form items by default; all items with `free_form_only=False`.
 * `GoldLogProbShortfall`: one-sided, mean_g relu(mean − x_g)²: only groups *below* the mean are penalized, so the
   penalty never pushes a well-served group down.
-* `AnchoredToReference`: mean over the other groups of KL(p_ref ‖ p_g) with the reference (persona-free) group's
-  distribution held fixed: personas are pulled to the neutral user's answer, not to any consensus. Option items.
+* `AnchoredToReference`: mean over groups of KL(p_anchor ‖ p_g), the anchor being the reference (persona-free)
+  group's distribution held fixed — under the current policy, or under the reference model (adapters disabled,
+  given as forward's `anchor` [B, O]): personas are pulled to the neutral user's answer, not to any consensus.
 * `CombinedPenalty` (the default): one penalty for option items, another for free-form items.
 * `NoPenalty`: 0 (the "TriAlign without penalty" ablation).
 
@@ -44,23 +45,32 @@ def _float(x: torch.Tensor) -> torch.Tensor:
 class InconsistencyPenalty(nn.Module, ABC):
     """Base class: `forward(option_logprobs, option_mask, gold_logprob, group_mask, has_options) -> scalar`."""
 
+    needs_anchor = False
+    """True when the penalty compares against the reference model's answer distribution (`anchor` in forward)."""
+
     @abstractmethod
     def per_unit(self, option_logprobs: torch.Tensor, option_mask: torch.Tensor, gold_logprob: torch.Tensor,
-                 group_mask: torch.Tensor, has_options: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 group_mask: torch.Tensor, has_options: torch.Tensor, anchor: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-unit penalty [B] (finite everywhere) and which units count [B] bool."""
 
     def forward(self, option_logprobs: torch.Tensor, option_mask: torch.Tensor, gold_logprob: torch.Tensor,
-                group_mask: torch.Tensor, has_options: torch.Tensor) -> torch.Tensor:
-        """Mean penalty over the counted units (shapes in the module docstring); a scalar with gradient."""
+                group_mask: torch.Tensor, has_options: torch.Tensor, anchor: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Mean penalty over the counted units (shapes in the module docstring); a scalar with gradient.
+
+        `anchor` [B, O]: option log-likelihoods of the reference group's state under the reference model (adapters
+        disabled, no gradient), for penalties with `needs_anchor`; ignored by the others."""
         tensors = (option_logprobs, option_mask, gold_logprob, group_mask, has_options)
         shapes = [tuple(t.shape) for t in tensors]
         if option_logprobs.dim() != 3 or not (
                 shapes[1] == (shapes[0][0], shapes[0][2]) and shapes[2] == shapes[3] == shapes[0][:2]
-                and shapes[4] == shapes[0][:1]):
+                and shapes[4] == shapes[0][:1]) or (anchor is not None and tuple(anchor.shape) != shapes[1]):
             raise ValueError("expected option_logprobs [B,G,O], option_mask [B,O], gold_logprob [B,G], "
-                             f"group_mask [B,G], has_options [B], got {shapes}")
+                             f"group_mask [B,G], has_options [B], anchor [B,O], got {shapes}"
+                             + ("" if anchor is None else f", anchor {tuple(anchor.shape)}"))
         values, counted = self.per_unit(option_logprobs, option_mask.bool(), gold_logprob, group_mask.bool(),
-                                        has_options.bool())
+                                        has_options.bool(), anchor)
         total = torch.where(counted, values, torch.zeros_like(values)).sum()
         return total / counted.sum().clamp(min=1).to(total.dtype)
 
@@ -68,7 +78,7 @@ class InconsistencyPenalty(nn.Module, ABC):
 class JensenShannon(InconsistencyPenalty):
     """Generalized Jensen–Shannon divergence of the groups' answer distributions (option items)."""
 
-    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options, anchor=None):
         valid = option_mask[:, None, :] & group_mask[:, :, None]  # [B, G, O]; padding may hold NaN or ±inf
         x = torch.where(valid, _float(option_logprobs), torch.full_like(_float(option_logprobs), _MASKED))
         x = x.clamp(min=_MASKED)  # a valid option at −inf (probability 0) stays finite
@@ -89,24 +99,42 @@ class JensenShannon(InconsistencyPenalty):
 
 
 class AnchoredToReference(InconsistencyPenalty):
-    """Mean over the other groups of KL(p_ref ‖ p_g), the reference (persona-free) group's answer distribution held
-    fixed (no gradient through it): every persona is pulled to the answer the model gives without one.
+    """Mean over groups of KL(p_anchor ‖ p_g): every persona is pulled to the answer the model gives without one.
 
     JSD's minimizers are *any* consensus, including one a persona pulled towards a wrong answer; anchoring to the
     neutral user's distribution is the Truth-Invariant Alignment condition read literally — the answer must not
-    depend on who asks, i.e. equal the answer to nobody in particular — and leaves the reference group to the truth
-    term. Option items with the reference group and at least one other group probed.
+    depend on who asks, i.e. equal the answer to nobody in particular. Two anchors:
+
+    * ``anchor: current`` — the reference group's distribution under the current policy, held fixed (no gradient
+      through it); the mean runs over the other groups, and the reference group is left to the truth term.
+    * ``anchor: reference_model`` — the reference group's distribution under the reference model (the backbone
+      with its adapters disabled, as for the KL; `TriAlignModule` computes it, no gradient); the mean runs over every
+      group, the reference group included, so the persona-free answer itself cannot drift with the adapters. Its
+      minimizer is known in advance (every group answers as the base model answers nobody in particular); the truth
+      term is what moves that answer towards the gold one.
+
+    Option items with the reference group probed (and, for ``current``, at least one other group).
 
     Args:
         reference_index: position of the reference group in the data's group order; `TriAlignModule` sets it from
             its `reference_group` (None until then, which is an error at the first call).
+        anchor: ``current`` or ``reference_model`` (above).
     """
 
-    def __init__(self, reference_index: int | None = None):
-        super().__init__()
-        self.reference_index = reference_index
+    ANCHORS = ("current", "reference_model")
 
-    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+    def __init__(self, reference_index: int | None = None, anchor: str = "current"):
+        super().__init__()
+        if anchor not in self.ANCHORS:
+            raise ValueError(f"AnchoredToReference.anchor: expected one of {', '.join(self.ANCHORS)}, got {anchor!r}")
+        self.reference_index = reference_index
+        self.anchor = anchor
+
+    @property
+    def needs_anchor(self) -> bool:
+        return self.anchor == "reference_model"
+
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options, anchor=None):
         if self.reference_index is None:
             raise ValueError("AnchoredToReference: reference_index is not set (give TriAlignModule a "
                              "reference_group)")
@@ -114,12 +142,20 @@ class AnchoredToReference(InconsistencyPenalty):
         valid = option_mask[:, None, :] & group_mask[:, :, None]
         x = torch.where(valid, _float(option_logprobs), torch.full_like(_float(option_logprobs), _MASKED))
         log_p = torch.log_softmax(x.clamp(min=_MASKED), dim=-1)  # [B, G, O]
-        log_ref = log_p[:, ref:ref + 1, :].detach()
+        if self.needs_anchor:
+            if anchor is None:
+                raise ValueError("AnchoredToReference(anchor='reference_model') needs the reference model's "
+                                 "distribution (forward's `anchor`)")
+            a = torch.where(option_mask, _float(anchor), torch.full_like(_float(anchor), _MASKED))
+            log_ref = torch.log_softmax(a.clamp(min=_MASKED), dim=-1).detach()[:, None, :]
+            counted_groups = group_mask
+        else:
+            log_ref = log_p[:, ref:ref + 1, :].detach()
+            counted_groups = group_mask.clone()
+            counted_groups[:, ref] = False
         kl = torch.where(valid, log_ref.exp() * (log_ref - log_p), torch.zeros_like(log_p)).sum(-1)  # [B, G]
-        others = group_mask.clone()
-        others[:, ref] = False
-        count = others.sum(-1)
-        value = torch.where(others, kl, torch.zeros_like(kl)).sum(-1) / count.clamp(min=1).to(kl.dtype)
+        count = counted_groups.sum(-1)
+        value = torch.where(counted_groups, kl, torch.zeros_like(kl)).sum(-1) / count.clamp(min=1).to(kl.dtype)
         return value, has_options & group_mask[:, ref] & (count >= 1)
 
 
@@ -146,7 +182,7 @@ class GoldLogProbVariance(InconsistencyPenalty):
     def _applies(self, has_options: torch.Tensor) -> torch.Tensor:
         return ~has_options if self.free_form_only else torch.ones_like(has_options)
 
-    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options, anchor=None):
         x, mean, groups = _group_moments(gold_logprob, group_mask)
         squared = torch.where(group_mask, (x - mean[:, None]) ** 2, torch.zeros_like(x))
         return squared.sum(-1) / groups.clamp(min=1).to(x.dtype), self._applies(has_options) & (groups >= 2)
@@ -159,7 +195,7 @@ class GoldLogProbShortfall(GoldLogProbVariance):
         free_form_only: apply to free-form items only (True) or to every item (False).
     """
 
-    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options, anchor=None):
         x, mean, groups = _group_moments(gold_logprob, group_mask)
         shortfall = torch.where(group_mask, torch.relu(mean[:, None] - x) ** 2, torch.zeros_like(x))
         return shortfall.sum(-1) / groups.clamp(min=1).to(x.dtype), self._applies(has_options) & (groups >= 2)
@@ -178,8 +214,12 @@ class CombinedPenalty(InconsistencyPenalty):
         self.options = options if options is not None else JensenShannon()
         self.free_form = free_form if free_form is not None else GoldLogProbVariance()
 
-    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
-        args = (option_logprobs, option_mask, gold_logprob, group_mask, has_options)
+    @property
+    def needs_anchor(self) -> bool:
+        return self.options.needs_anchor or self.free_form.needs_anchor
+
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options, anchor=None):
+        args = (option_logprobs, option_mask, gold_logprob, group_mask, has_options, anchor)
         option_values, option_counted = self.options.per_unit(*args)
         free_values, free_counted = self.free_form.per_unit(*args)
         values = torch.where(has_options, option_values, free_values.to(option_values.dtype))
@@ -189,6 +229,6 @@ class CombinedPenalty(InconsistencyPenalty):
 class NoPenalty(InconsistencyPenalty):
     """Always 0 (in the inputs' floating dtype and device)."""
 
-    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options):
+    def per_unit(self, option_logprobs, option_mask, gold_logprob, group_mask, has_options, anchor=None):
         zeros = torch.zeros(has_options.shape, dtype=_float(gold_logprob).dtype, device=gold_logprob.device)
         return zeros, torch.zeros_like(has_options)

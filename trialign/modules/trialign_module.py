@@ -357,6 +357,26 @@ class TriAlignModule(LightningModule):
         return {"option_logprobs": option_logprobs, "option_tokens": option_tokens, "group_mask": group_mask,
                 "gold_logprob": gold_sum / gold_tokens.to(gold_sum.dtype)}
 
+    @torch.no_grad()
+    def reference_anchor(self, batch: dict[str, Any]) -> Tensor | None:
+        """The reference group's option log-likelihoods [B, O] under the reference model (adapters disabled), for a
+        penalty anchored to it (`penalty.needs_anchor`); None for other penalties. Items where the reference group
+        was not probed hold 0 (the penalty does not count them)."""
+        if not getattr(self.penalty, "needs_anchor", False):
+            return None
+        index = batch["probe_index"].long()
+        num_items, num_options = batch["option_mask"].shape
+        anchor = torch.zeros(num_items, num_options, dtype=torch.float32, device=index.device)
+        rows = (index[:, 1] == self.group_names.index(self.reference_group)).nonzero().squeeze(1)
+        if rows.numel():
+            key = index[rows, 0] if self.probe_share_prefix else None
+            with self.policy.reference():
+                sums, _ = self.policy.continuation_logprobs(batch["probe_input_ids"][rows],
+                                                            batch["probe_attention_mask"][rows],
+                                                            batch["probe_continuation_mask"][rows], key)
+            anchor = anchor.index_put((index[rows, 0], index[rows, 2]), sums.float())
+        return anchor
+
     # --- training ------------------------------------------------------------------------------------------------
 
     def _needs_probe(self) -> bool:
@@ -432,7 +452,7 @@ class TriAlignModule(LightningModule):
         if self._needs_probe():
             probe = self.probe_logprobs(batch)
             penalty = self.penalty(probe["option_logprobs"], batch["option_mask"], probe["gold_logprob"],
-                                   probe["group_mask"], batch["has_options"])
+                                   probe["group_mask"], batch["has_options"], self.reference_anchor(batch))
             state_args = (probe["option_logprobs"], batch["option_mask"], batch["correct_options"],
                           probe["group_mask"], batch["has_options"])
             truth_losses, with_states = truth_loss(*state_args)
@@ -557,7 +577,7 @@ class TriAlignModule(LightningModule):
         if read["items"].numel():
             self.val_metrics.update(answers=read["answers"], correct=read["correct"])
         penalty = self.penalty(read["option_logprobs"], batch["option_mask"], read["gold_logprob"],
-                               read["group_mask"], batch["has_options"])
+                               read["group_mask"], batch["has_options"], self.reference_anchor(batch))
         self.val_penalty.update(penalty.detach().float(), weight=int(batch["option_mask"].shape[0]))
 
     def _start_evaluation(self) -> None:
