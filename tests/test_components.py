@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -138,15 +140,15 @@ def test_k3_against_numpy_and_masking():
     ref = policy + rng.normal(0.0, 0.5, size=(3, 6))
     mask = rng.uniform(size=(3, 6)) < 0.6
     policy[~mask] = np.nan  # prompt/padding positions may hold anything
-    r = ref - policy
+    r = policy - ref
     expected = np.mean((np.exp(r) - 1 - r)[mask])
     p = torch.tensor(policy, requires_grad=True)
     kl = reference_kl(p, torch.tensor(ref), torch.tensor(mask))
     assert kl.item() == pytest.approx(expected)
     kl.backward()
     grad = p.grad.numpy()
-    # d/dlogπ (e^r − 1 − r) = 1 − e^r, averaged over the masked tokens.
-    np.testing.assert_allclose(grad[mask], ((1 - np.exp(r)) / mask.sum())[mask])
+    # d/dlogπ (e^r − 1 − r) = e^r − 1, averaged over the masked tokens.
+    np.testing.assert_allclose(grad[mask], ((np.exp(r) - 1) / mask.sum())[mask])
     assert (grad[~mask] == 0).all()
 
 
@@ -157,15 +159,26 @@ def test_k3_is_zero_when_policy_equals_reference_and_nonnegative():
     assert torch.isfinite(k3_per_token(torch.tensor([-500.0]), torch.tensor([0.0]))).all()
 
 
-def test_k3_mean_estimates_kl_on_policy_samples():
-    """On samples from π, the mean of k3 is KL(π‖π_ref) (checked on two small categorical distributions)."""
+def test_k3_mean_estimates_the_forward_kl_on_reference_samples():
+    """The data's tokens come from the reference (the behaviour policy): there the mean of k3 is KL(π_ref‖π)
+    (checked on two small categorical distributions)."""
     generator = torch.Generator().manual_seed(0)
     policy = torch.tensor([0.6, 0.3, 0.1])
     reference = torch.tensor([0.2, 0.5, 0.3])
-    draws = torch.multinomial(policy, 200_000, replacement=True, generator=generator)
+    draws = torch.multinomial(reference, 200_000, replacement=True, generator=generator)
     estimate = k3_per_token(policy.log()[draws], reference.log()[draws]).mean().item()
-    exact = (policy * (policy / reference).log()).sum().item()
+    exact = (reference * (reference / policy).log()).sum().item()
     assert estimate == pytest.approx(exact, rel=0.02)
+
+
+def test_k3_gradient_stays_bounded_where_the_policy_dropped_a_reference_token():
+    """A token the reference writes (log 0.5) that the policy has driven to log 1e-6: the loss grows linearly and its
+    gradient in log π is at most 1 in size (the reverse-KL form's gradient would be about 5e5)."""
+    logp = torch.tensor([math.log(1e-6)], requires_grad=True)
+    value = reference_kl(logp[None], torch.tensor([[math.log(0.5)]]), torch.ones(1, 1, dtype=torch.bool))
+    value.backward()
+    assert value.item() == pytest.approx(math.log(0.5 / 1e-6) - 1 + 2e-6, rel=1e-4)
+    assert -1.0 <= logp.grad.item() < -0.99
 
 
 # --- configuration -------------------------------------------------------------------------------------------------

@@ -331,3 +331,10 @@ def test_paired_differences_are_the_paired_bootstrap_of_the_per_item_rows(experi
     strongest = max(("nash_only", "same_answer_prompt"), key=lambda m: json.loads(
         (experiment / f"eval/{m}/main/metrics.json").read_text())["metrics"]["consistency"]["value"])
     assert f"- trialign vs the strongest baseline ({strongest}): consistency " in main
+
+
+def test_signed_differences_never_print_a_negative_zero():
+    from trialign.comparison import signed
+
+    assert signed(-0.0001, -0.12, 0.0004) == "+0.000 [-0.120, +0.000]"
+    assert signed(0.413, 0.327, 0.5) == "+0.413 [+0.327, +0.500]"

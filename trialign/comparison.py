@@ -149,8 +149,14 @@ class Evaluated:
     """The point estimate, to find the strongest baseline."""
 
 
+def _signed(x: float) -> str:
+    text = f"{x:+.3f}"
+    return "+0.000" if text == "-0.000" else text  # a difference that rounds to zero has no sign
+
+
 def signed(value: float, low: float, high: float) -> str:
-    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
+    """A difference and its CI with explicit signs, e.g. ``+0.413 [+0.327, +0.500]``."""
+    return f"{_signed(value)} [{_signed(low)}, {_signed(high)}]"
 
 
 def target_method(evaluations: Sequence[Evaluated]) -> Evaluated | None:

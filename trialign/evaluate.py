@@ -88,8 +88,12 @@ class EvaluateConfig:
     """Model weights dtype."""
     autocast: bool | None = None
     """bf16 autocast for generating responses; null (the default): on where bf16 is native (a CPU with AVX512-BF16
-    or AMX, a bf16 GPU: `trialign.backbone.native_bf16`), off elsewhere, where it would be slower. The probe always
-    runs in the model dtype. metrics.json records the value used."""
+    or AMX, a bf16 GPU: `trialign.backbone.native_bf16`), off elsewhere, where it would be slower. metrics.json
+    records the value used."""
+    probe_autocast: bool = False
+    """bf16 autocast for the answer probe too. Off by default: an answer is an argmax over option log-likelihoods,
+    and bf16 flips it where two options are within its rounding (`benchmarks/bench_probe_bf16.py` measures how
+    often, and the speed-up, on this machine)."""
     alpha: float = 0.5
     """Weight of personalization in the reward/utility: r = truth + alpha * pers."""
     bootstrap: int = 1000
@@ -203,7 +207,7 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
         responses = list(generate(messages))
     contexts = [render_context(tokenizer, m, response=r, answer_prefix=template.answer_prefix)
                 for m, r in zip(messages, responses)]
-    probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size)
+    probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size, autocast=config.probe_autocast)
     g = len(groups)
     # Probe group by group: contexts of one group share their persona prefix, which the probe runs once per batch.
     order = sorted(range(len(pairs)), key=lambda k: (k % g, k // g))

@@ -377,6 +377,13 @@ class TriAlignModule(LightningModule):
             anchor = anchor.index_put((index[rows, 0], index[rows, 2]), sums.float())
         return anchor
 
+    def _penalty(self, probe: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
+        """The inconsistency penalty of a probe; `anchor` only for penalties that ask for it (a custom penalty may
+        keep the five-argument forward)."""
+        anchor = self.reference_anchor(batch)
+        return self.penalty(probe["option_logprobs"], batch["option_mask"], probe["gold_logprob"], probe["group_mask"],
+                            batch["has_options"], **({} if anchor is None else {"anchor": anchor}))
+
     # --- training ------------------------------------------------------------------------------------------------
 
     def _needs_probe(self) -> bool:
@@ -451,8 +458,7 @@ class TriAlignModule(LightningModule):
         penalty = truth_losses.new_zeros(())
         if self._needs_probe():
             probe = self.probe_logprobs(batch)
-            penalty = self.penalty(probe["option_logprobs"], batch["option_mask"], probe["gold_logprob"],
-                                   probe["group_mask"], batch["has_options"], self.reference_anchor(batch))
+            penalty = self._penalty(probe, batch)
             state_args = (probe["option_logprobs"], batch["option_mask"], batch["correct_options"],
                           probe["group_mask"], batch["has_options"])
             truth_losses, with_states = truth_loss(*state_args)
@@ -576,8 +582,7 @@ class TriAlignModule(LightningModule):
         read = self.probe_answers(batch)
         if read["items"].numel():
             self.val_metrics.update(answers=read["answers"], correct=read["correct"])
-        penalty = self.penalty(read["option_logprobs"], batch["option_mask"], read["gold_logprob"],
-                               read["group_mask"], batch["has_options"], self.reference_anchor(batch))
+        penalty = self._penalty(read, batch)
         self.val_penalty.update(penalty.detach().float(), weight=int(batch["option_mask"].shape[0]))
 
     def _start_evaluation(self) -> None:
