@@ -11,7 +11,7 @@ import torch
 
 from data_factory import synthetic_rows, write_rollout_rows, write_synthetic_rollout
 from trialign.datamodules import GroupTrajectoryDataModule, TrajectoryCollator, scan_rollout, split_items
-from trialign.datamodules.trajectories import epoch_plan
+from trialign.datamodules.streams import epoch_plan
 from trialign.errors import TriAlignError
 from trialign.probe import render_context
 
@@ -543,7 +543,7 @@ def test_nonfinite_rows_are_skipped_with_a_count(tmp_path, caplog):
     rows[3]["groups"][1]["episodes"][1]["turns"][1]["reward"] = float("nan")
     rows[5]["groups"][0]["episodes"][0]["turns"][0]["ret"] = float("inf")
     data_dir = _write(tmp_path, rows, groups)
-    with caplog.at_level(logging.WARNING, logger="trialign.datamodules.trajectories"):
+    with caplog.at_level(logging.WARNING, logger="trialign.datamodules"):
         module = GroupTrajectoryDataModule(data_dir, EMBEDDED, batch_size=3, val_fraction=0.25)
         assert module.skipped_item_ids == ["synthetic/0003", "synthetic/0005"]
     assert "skipped 2 of 8 items with a NaN/Inf reward/ret/behavior_logprob" in caplog.text

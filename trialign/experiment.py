@@ -98,6 +98,9 @@ class ExperimentConfig:
     """Items of the transfer task."""
     batch_size: int = 32
     """Probe/generation batch size of the evaluations."""
+    probe_autocast: bool = False
+    """Run every evaluation's answer probe under bf16 autocast (`trialign evaluate --probe-autocast`); the same for
+    every method, so paired differences compare like with like."""
     bootstrap: int = 1000
     """Bootstrap resamples for the 95% CIs."""
     seed: int = 0
@@ -323,7 +326,7 @@ class Experiment:
             model=self.config.model, adapter=method.get("adapter"),
             output=str(self.out / "eval" / method["name"] / split),
             overwrite=True, label=method["name"], batch_size=self.config.batch_size, bootstrap=self.config.bootstrap,
-            seed=self.config.seed, **values)
+            probe_autocast=self.config.probe_autocast, seed=self.config.seed, **values)
         evaluate(config, progress=sys.stderr.isatty())
 
     def run_report(self) -> None:
