@@ -22,7 +22,8 @@ from trialign.modules.aggregators import GroupRobust, NashSocialWelfare
 from trialign.modules.objectives import AdvantageWeighted, PairwiseDPO
 from trialign.modules.penalties import CombinedPenalty, NoPenalty
 from trialign.modules.truth import truth_loss
-from trialign.modules.trialign_module import TriAlignModule, load_value_heads
+from trialign.modules.export import load_value_heads
+from trialign.modules.trialign_module import TriAlignModule
 from trialign.modules.values import MonteCarlo
 
 SMALL_LORA = LoraSettings(r=4, alpha=8)
@@ -283,8 +284,18 @@ def test_non_finite_term_stops_training_naming_step_and_term(tiny_model_dir, emb
     broken = copy.copy(batch)
     broken["returns"] = batch["returns"].clone()
     broken["returns"][batch["group_index"] == 1, 0] = float("nan")
+    from types import SimpleNamespace
+
+    from trialign.modules.divergence import DivergenceGuard, loss_problem
+
+    total, parts = module.compute_loss(broken)
+    assert loss_problem(parts, names).startswith(f"value_loss for group(s) ['{names[1]}'] is not finite")
+    assert loss_problem(module.compute_loss(batch)[1], names) is None
+    assert any(isinstance(c, DivergenceGuard) for c in module.configure_callbacks())  # every trainer gets the guard
+    module.last_loss_parts = parts
+    trainer = SimpleNamespace(world_size=1, checkpoint_callback=None)
     with pytest.raises(TriAlignError, match=rf"training step 0: value_loss for group\(s\) \['{names[1]}'\]"):
-        module.training_step(broken, 0)
+        DivergenceGuard().on_before_backward(trainer, module, total)
 
 
 # --- validation -------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ so that sharded strategies can wrap the model as it is created and parsing a con
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -263,3 +263,46 @@ class Policy(nn.Module):
         weights, e.g. a gathered full state dict under FSDP."""
         kwargs = {} if state_dict is None else {"state_dict": state_dict}
         self._require_built().save_pretrained(str(directory), safe_serialization=True, **kwargs)
+
+    def probe_logprobs(self, batch: dict[str, Any], group_names: Sequence[str], share_prefix: bool = True
+                       ) -> dict[str, torch.Tensor]:
+        """The answer probe of a collated batch (`trialign.datamodules.collate`) under every group's persona.
+
+        With one adapter per group (`adapter_names` = the groups), each group's rows run through its own adapter.
+        `share_prefix`: all options of one (item, group) run on its context's KV cache (not possible in training mode
+        with gradient checkpointing).
+
+        Returns option_logprobs [B, G, O] (summed continuation log-probabilities; 0 where absent), option_tokens
+        [B, G, O], group_mask [B, G] (the (item, group) pairs probed) and gold_logprob [B, G] (per token)."""
+        input_ids, attention_mask = batch["probe_input_ids"], batch["probe_attention_mask"]
+        index = batch["probe_index"].long()
+        option_mask = batch["option_mask"].bool()
+        num_items, num_options = option_mask.shape
+        num_groups = len(group_names)
+        continuation = batch["probe_continuation_mask"]
+        context_key = index[:, 0] * num_groups + index[:, 1] if share_prefix else None
+        per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+        tokens = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        per_group = self.adapter_names != [SHARED_ADAPTER]  # one adapter per group, named by the group ids
+        adapters = torch.unique(index[:, 1]).tolist() if per_group else [None]
+        for group in adapters:
+            rows = (torch.arange(input_ids.shape[0], device=input_ids.device) if group is None
+                    else (index[:, 1] == group).nonzero().squeeze(1))
+            if group is not None:
+                self.use_adapter(group_names[group])
+            sums, counts = self.continuation_logprobs(
+                input_ids[rows], attention_mask[rows], continuation[rows],
+                None if context_key is None else context_key[rows])
+            per_row = per_row.index_copy(0, rows, sums)
+            tokens = tokens.index_copy(0, rows, counts)
+        where = (index[:, 0], index[:, 1], index[:, 2])
+        option_logprobs = per_row.new_zeros(num_items, num_groups, num_options).index_put(where, per_row)
+        option_tokens = tokens.new_zeros(num_items, num_groups, num_options).index_put(where, tokens)
+        group_mask = torch.zeros(num_items, num_groups, dtype=torch.bool, device=input_ids.device)
+        group_mask = group_mask.index_put((index[:, 0], index[:, 1]), torch.ones_like(index[:, 0], dtype=torch.bool))
+        gold = batch["gold_index"].long().clamp(min=0)  # free-form items: their one "option" is the gold text
+        take = gold[:, None, None].expand(num_items, num_groups, 1)
+        gold_sum = option_logprobs.gather(2, take).squeeze(2)
+        gold_tokens = option_tokens.gather(2, take).squeeze(2).clamp(min=1)
+        return {"option_logprobs": option_logprobs, "option_tokens": option_tokens, "group_mask": group_mask,
+                "gold_logprob": gold_sum / gold_tokens.to(gold_sum.dtype)}

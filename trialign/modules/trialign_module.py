@@ -47,22 +47,16 @@ FSDP (`state_dict_type: full`) is the gathered one; at the end of an FSDP run th
 Resuming with `ckpt_path` is exact at epoch boundaries; mid-epoch it restarts the epoch's data unless the data
 loader is stateful (Lightning's rule).
 
-Divergence guard: every training step checks each loss term (per-group policy and value losses, utilities,
-aggregation weights, penalty, KL, total) and, after the backward pass, every gradient. A non-finite one raises a
-`TriAlignError` naming the global step and the term (or parameter) before the optimizer step, so the weights are not
-updated and no checkpoint of the failing step is written: the last checkpoint on disk is the last good one. Under
-DDP/FSDP the ranks agree first (one boolean all-reduce per step), so every rank stops, not just the one that saw it.
-The gradient check is skipped with a float16 GradScaler, which expects the occasional Inf and skips those steps itself.
+Divergence guard: `trialign.modules.divergence.DivergenceGuard`, a Callback this module installs
+(`configure_callbacks`), checks every loss term before the backward pass and every gradient before the optimizer
+step, and stops training with a message naming the step and the term.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -84,6 +78,7 @@ from trialign.metrics import (
     flatten_results,
 )
 from trialign.modules.aggregators import Aggregator
+from trialign.modules.export import write_adapter_folder
 from trialign.modules.heads import GroupValueHeads
 from trialign.modules.kl import reference_kl
 from trialign.modules.objectives import PolicyObjective
@@ -97,7 +92,6 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 COMPONENTS = ("value", "objective", "aggregator", "penalty")
-HEADS_FILE = "value_heads.safetensors"
 
 
 def _under_lightning_cli() -> bool:
@@ -203,6 +197,8 @@ class TriAlignModule(LightningModule):
         self.penalty_coef = penalty_coef
         self.truth_coef = truth_coef
         self.kl_coef = kl_coef
+        self.last_loss_parts: dict[str, Tensor] | None = None
+        """The last training step's loss terms, detached (the divergence guard reads them)."""
         self.detach_value_features = detach_value_features
         self.per_group_adapters = per_group_adapters
         self.reference_group = reference_group
@@ -318,44 +314,10 @@ class TriAlignModule(LightningModule):
         return out
 
     def probe_logprobs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """The answer probe under every group's persona, as the penalty wants it.
-
-        Returns option_logprobs [B, G, O] (summed continuation log-probabilities; 0 where absent), option_tokens
-        [B, G, O], group_mask [B, G] (the (item, group) pairs probed) and gold_logprob [B, G] (per token)."""
-        input_ids, attention_mask = batch["probe_input_ids"], batch["probe_attention_mask"]
-        index = batch["probe_index"].long()
-        option_mask = batch["option_mask"].bool()
-        num_items, num_options = option_mask.shape
-        num_groups = len(self.group_names)
-        continuation = batch["probe_continuation_mask"]
-        # All options of one (item, group) share its probe context.
+        """The answer probe under every group's persona, as the penalty wants it (`Policy.probe_logprobs`)."""
         share = self.probe_share_prefix and not (self.policy.gradient_checkpointing and self.training
                                                  and torch.is_grad_enabled())
-        context_key = index[:, 0] * num_groups + index[:, 1] if share else None
-        per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-        tokens = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        adapters = torch.unique(index[:, 1]).tolist() if self.per_group_adapters else [None]
-        for group in adapters:
-            rows = (torch.arange(input_ids.shape[0], device=input_ids.device) if group is None
-                    else (index[:, 1] == group).nonzero().squeeze(1))
-            if group is not None:
-                self.policy.use_adapter(self.group_names[group])
-            sums, counts = self.policy.continuation_logprobs(
-                input_ids[rows], attention_mask[rows], continuation[rows],
-                None if context_key is None else context_key[rows])
-            per_row = per_row.index_copy(0, rows, sums)
-            tokens = tokens.index_copy(0, rows, counts)
-        where = (index[:, 0], index[:, 1], index[:, 2])
-        option_logprobs = per_row.new_zeros(num_items, num_groups, num_options).index_put(where, per_row)
-        option_tokens = tokens.new_zeros(num_items, num_groups, num_options).index_put(where, tokens)
-        group_mask = torch.zeros(num_items, num_groups, dtype=torch.bool, device=input_ids.device)
-        group_mask = group_mask.index_put((index[:, 0], index[:, 1]), torch.ones_like(index[:, 0], dtype=torch.bool))
-        gold = batch["gold_index"].long().clamp(min=0)  # free-form items: their one "option" is the gold text
-        take = gold[:, None, None].expand(num_items, num_groups, 1)
-        gold_sum = option_logprobs.gather(2, take).squeeze(2)
-        gold_tokens = option_tokens.gather(2, take).squeeze(2).clamp(min=1)
-        return {"option_logprobs": option_logprobs, "option_tokens": option_tokens, "group_mask": group_mask,
-                "gold_logprob": gold_sum / gold_tokens.to(gold_sum.dtype)}
+        return self.policy.probe_logprobs(batch, self.group_names, share_prefix=share)
 
     @torch.no_grad()
     def reference_anchor(self, batch: dict[str, Any]) -> Tensor | None:
@@ -484,68 +446,15 @@ class TriAlignModule(LightningModule):
         parts.update(truth_loss=truth_losses, group_loss=group_losses, weight=weights, penalty=penalty, loss=total)
         return total, parts
 
-    def _check_finite(self, parts: dict[str, Tensor]) -> None:
-        """Divergence guard: a non-finite term stops training with a message naming the step and the term."""
-        present = parts["present"]
-        problem = None
-        for name in ("value_loss", "policy_loss", "truth_loss", "utility", "weight", "penalty", "kl", "loss"):
-            value = parts[name].detach()
-            per_group = value.dim() == 1
-            if per_group and name not in ("utility", "weight"):
-                value = value[present]
-            bad = ~torch.isfinite(value)
-            if bool(bad.any()):
-                where = ""
-                if per_group:
-                    groups = [self.group_names[i] for i in present.nonzero().squeeze(1).tolist()] \
-                        if name not in ("utility", "weight") else self.group_names
-                    where = f" for group(s) {[g for g, b in zip(groups, bad.tolist()) if b]}"
-                problem = f"{name}{where} is not finite ({value.tolist()})"
-                break
-        self._stop_if_diverged(problem, "a loss term", "check the data's rewards/returns and any custom component, or "
-                                                       "lower the learning rate")
+    def configure_callbacks(self):
+        """The divergence guard (`trialign.modules.divergence`), on every trainer that fits this module."""
+        from trialign.modules.divergence import DivergenceGuard
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divergence guard on the gradients: a finite loss can still have a NaN/Inf gradient (e.g. a component with
-        a sqrt or log at 0); stepping on it would write NaN weights into the next checkpoint."""
-        trainer = self._trainer
-        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return  # float16 AMP: the GradScaler skips steps with Inf gradients and lowers its scale
-        named = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
-        problem = None
-        if named:
-            finite = torch.stack([torch.isfinite(grad).all() for _, grad in named])
-            if not bool(finite.all()):
-                name = named[int((~finite).nonzero()[0])][0]
-                problem = f"the gradient of {name} is not finite (the loss was finite)"
-        self._stop_if_diverged(problem, "a gradient", "check custom components for a sqrt/log/division at 0 or "
-                                                      "lower the learning rate")
-
-    def _stop_if_diverged(self, problem: str | None, kind: str, hint: str) -> None:
-        """Raise a `TriAlignError` for `problem` (None: nothing wrong here); under several ranks, all of them raise
-        when any one has a problem, so none is left waiting in a collective."""
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            anywhere = trainer.strategy.reduce_boolean_decision(problem is not None, all=False)
-            if anywhere and problem is None:
-                problem = f"{kind} is not finite on another rank"
-        if problem is None:
-            return
-        raise TriAlignError(f"training step {self.global_step}: {problem}; training stopped before the optimizer "
-                            f"step{self._kept_checkpoint()}; {hint}")
-
-    def _kept_checkpoint(self) -> str:
-        trainer = self._trainer
-        if trainer is None:
-            return ""
-        path = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
-        if path and os.path.isfile(path):
-            return f", the last checkpoint {path} is from before it"
-        return ", no checkpoint of this run was written yet"
+        return [DivergenceGuard()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         total, parts = self.compute_loss(batch)
-        self._check_finite(parts)
+        self.last_loss_parts = {k: v.detach() for k, v in parts.items()}  # what the divergence guard checks
         batch_size = int(batch["option_mask"].shape[0])
         logged: dict[str, Tensor] = {"train/loss": total.detach(), "train/penalty": parts["penalty"].detach(),
                                      "train/kl": parts["kl"].detach()}
@@ -665,7 +574,6 @@ class TriAlignModule(LightningModule):
 
         The weights come from `state_dict` (this module's keys, e.g. a checkpoint's) when given, else from the
         module itself. Runs on global rank 0 only; returns the folder (None on other ranks)."""
-        from safetensors.torch import save_file
 
         if self._trainer is not None and not self.trainer.is_global_zero:
             return None
@@ -679,43 +587,7 @@ class TriAlignModule(LightningModule):
                              if k.startswith("policy.model.")}
             head_state = {k[len("value_heads."):]: v for k, v in state_dict.items() if k.startswith("value_heads.")}
         target = Path(directory) if directory is not None else self.export_directory()
-        if target.exists() and not target.is_dir():
-            raise TriAlignError(f"model.adapter_dir '{target}': expected a folder for the exported adapters, but it is "
-                                "a file (it is not replaced)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            self.policy.save_adapters(tmp, adapter_state)
-            heads = {k: v.detach().to("cpu").contiguous() for k, v in head_state.items()}
-            save_file(heads, str(tmp / HEADS_FILE), metadata={"group_names": json.dumps(self.group_names)})
-            old = None
-            if target.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+        return write_adapter_folder(target, self.policy, head_state, self.group_names, adapter_state)
 
 
-def load_value_heads(path: str | os.PathLike) -> GroupValueHeads:
-    """Value heads exported by `TriAlignModule.export_adapters` (`value_heads.safetensors`)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / HEADS_FILE
-    if not path.is_file():
-        raise TriAlignError(f"value heads {path}: file not found")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    if "group_names" not in metadata:
-        raise TriAlignError(f"value heads {path}: expected 'group_names' in the safetensors metadata")
-    group_names = json.loads(metadata["group_names"])
-    hidden_size = tensors[f"heads.{group_names[0]}.linear.weight"].shape[1]
-    heads = GroupValueHeads(group_names, hidden_size)
-    heads.load_state_dict(tensors)
-    return heads
+__all__ = ["TriAlignModule"]
