@@ -10,6 +10,7 @@ import io
 import json
 import re
 import shutil
+import html
 import subprocess
 from pathlib import Path
 
@@ -310,6 +311,31 @@ def test_chromium_renders_the_page_to_a_non_trivial_screenshot(experiment, tmp_p
     assert len(colours) > 50  # text, tables and charts, not a blank page
     dark = (pixels.sum(axis=-1) < 200).mean()
     assert 0.001 < dark < 0.5  # some ink on a light page
+
+
+@pytest.mark.timeout(180)
+def test_tables_fit_a_1400_px_window_without_horizontal_scroll(experiment, tmp_path):
+    """Headless Chromium lays the page out at 1400 px; a script added to a copy of the page (the report itself has
+    none) records the page's scroll width and every table's right edge."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
+    measure = ("<script>window.addEventListener('load', () => { const d = document.createElement('pre'); "
+               "d.id = 'measure'; d.textContent = JSON.stringify({page: document.documentElement.scrollWidth, "
+               "client: document.documentElement.clientWidth, tables: [...document.querySelectorAll('table')]"
+               ".map(t => Math.ceil(t.getBoundingClientRect().right))}); document.body.appendChild(d); });</script>")
+    page = tmp_path / "page.html"
+    page.write_text((experiment / "report.html").read_text().replace("</body>", measure + "</body>"))
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=3000",
+               "--dump-dom", page.resolve().as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=150)
+    found = re.search(r'<pre id="measure">([^<]*)</pre>', result.stdout)
+    assert found, result.stderr[-2000:]
+    layout = json.loads(html.unescape(found[1]))
+    assert layout["tables"] and layout["page"] <= layout["client"] <= 1400, layout
+    assert max(layout["tables"]) <= layout["client"], layout  # no table wider than the window (nor scrolled inside)
 
 
 def test_paired_differences_are_the_paired_bootstrap_of_the_per_item_rows(experiment):

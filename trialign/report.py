@@ -420,14 +420,14 @@ def _md_provenance(report: Report) -> list[str]:
 # ----------------------------------------------------------------------------------------------- HTML
 
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f; max-width: 1150px;
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f; max-width: 1300px;
        margin: 2rem auto; padding: 0 1.2rem; line-height: 1.45; }
 h1 { font-size: 1.6rem; border-bottom: 2px solid #ddd; padding-bottom: .3rem; }
 h2 { font-size: 1.25rem; margin-top: 2.2rem; border-bottom: 1px solid #eee; padding-bottom: .2rem; }
 p.caption { color: #555; font-style: italic; margin-top: 0; }
 table { border-collapse: collapse; margin: .6rem 0 1rem; font-size: .85rem; }
 th, td { border: 1px solid #ddd; padding: .3rem .55rem; text-align: right; white-space: nowrap; }
-th { background: #f5f5f7; }
+th { background: #f5f5f7; white-space: normal; vertical-align: bottom; }
 td:first-child, th:first-child { text-align: left; }
 td.best { font-weight: 700; background: #eef6ee; }
 span.ci { color: #666; font-size: .75rem; }
@@ -435,6 +435,7 @@ span.ci { color: #666; font-size: .75rem; }
 img { max-width: 100%; height: auto; display: block; margin: .5rem 0 1rem; }
 pre { background: #f7f7f9; border: 1px solid #e5e5e5; padding: .6rem; overflow-x: auto; font-size: .8rem; }
 code { font-size: .8rem; }
+td code { white-space: normal; word-break: break-all; }  /* a sha256 wraps instead of widening the page */
 details { margin: .4rem 0; }
 ul.notes li { margin-bottom: .3rem; }
 """
