@@ -20,7 +20,8 @@ from trialign.prompts import build_messages
 from trialign.rollout.command import main, parse_config
 from trialign.rollout.config import RolloutConfig
 from trialign.rollout.episodes import discounted_returns
-from trialign.rollout.sampler import HFSampler, end_of_turn_id, score_actions, score_actions_on_cache
+from trialign.rollout.sampler import HFSampler, score_actions, score_actions_on_cache
+from trialign.tokens import end_of_turn_id
 from trialign.rollout.schema import USER_KINDS
 from trialign.tasks import load_task
 

@@ -9,7 +9,8 @@ from trialign.groups import load_groups
 from trialign.probe import AnswerProbe, render_context
 from trialign.prompts import build_messages
 from trialign.rollout.cached_probe import probe_answers, score_options_on_cache
-from trialign.rollout.sampler import HFSampler, end_of_turn_id
+from trialign.rollout.sampler import HFSampler
+from trialign.tokens import end_of_turn_id
 from trialign.tasks import load_task
 
 

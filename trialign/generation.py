@@ -11,14 +11,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-
-def _stop_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return sorted(i for i in ids if i is not None)
+from trialign.tokens import padding_id, stop_token_ids
 
 
 @torch.inference_mode()
@@ -39,7 +32,7 @@ def generate_texts(
         raise ValueError("max_new_tokens must be positive")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
     outputs: list[str] = [""] * len(prompts)
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer, model)
     device = next(model.parameters()).device
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -56,7 +49,7 @@ def generate_texts(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 generated = model.generate(
                     **encoded, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                    pad_token_id=tokenizer.pad_token_id, **sampling,
+                    pad_token_id=padding_id(tokenizer), **sampling,
                 )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             for row, index in enumerate(batch):

@@ -35,6 +35,7 @@ from transformers import DynamicCache
 
 from trialign.errors import TriAlignError
 from trialign.tasks.item import Item
+from trialign.tokens import padding_id, stop_token_ids
 
 TARGET_DELIMITER = " "
 """Put between the context and an option (lm-eval's ``target_delimiter``)."""
@@ -46,7 +47,6 @@ _MIN_LENGTH_RATIO = 0.8
 """A context joins a batch only if it has at least this fraction of the batch's longest context's tokens."""
 _MIN_SHARED_PREFIX = 16
 """A batch's common prefix runs separately only from this length on (below, the extra forward costs more)."""
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 def render_context(
@@ -213,8 +213,7 @@ class AnswerProbe:
         self.share_prefix = share_prefix
         self.autocast = autocast
         self.progress = progress
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
+        self.pad_id = padding_id(tokenizer)
         self._stop_token_ids: torch.Tensor | None = None
 
     @property
@@ -399,13 +398,7 @@ class AnswerProbe:
     def _stop_ids(self) -> torch.Tensor:
         """Token ids that end a short answer: end of sequence / end of turn, and every token containing a newline."""
         if self._stop_token_ids is None:
-            stops = {self.tokenizer.eos_token_id}
-            configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-            stops.update(configured if isinstance(configured, (list, tuple)) else [configured])
-            for token in _END_OF_TURN_TOKENS:
-                token_id = self.tokenizer.convert_tokens_to_ids(token)
-                if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
-                    stops.add(token_id)
+            stops = set(stop_token_ids(self.tokenizer, self.model))
             pieces = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
             stops.update(i for i, piece in enumerate(pieces) if "\n" in piece)
             self._stop_token_ids = torch.tensor(sorted(i for i in stops if i is not None), dtype=torch.long)

@@ -80,6 +80,7 @@ import torch
 
 from trialign.errors import TriAlignError
 from trialign.probe import TARGET_DELIMITER, render_context, right_pad
+from trialign.tokens import padding_id
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,7 @@ class TrajectoryCollator:
         self._group_position = {name: g for g, name in enumerate(self.group_names)}
         self.max_length = int(max_length)
         self.probe_answer_prefix = probe_answer_prefix
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
+        self.pad_id = padding_id(tokenizer)
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self._special_tokens = sorted((s for s in specials if s), key=len, reverse=True)

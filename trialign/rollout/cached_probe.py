@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from trialign.probe import TARGET_DELIMITER, AnswerProbe, OptionScores, ProbeResult, right_pad
 from trialign.rollout.sampler import GenerationCache
 from trialign.tasks.item import Item
+from trialign.tokens import padding_id
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -58,7 +59,7 @@ def score_options_on_cache(model, tokenizer, cache: GenerationCache, rows: Seque
     """Log-likelihood of each option after its context, for cache rows `rows` (see the module docstring).
     `cache` is left as it was (each chunk of rows works on its own copy), so the next turn can continue it."""
     device = cache.mask.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad = padding_id(tokenizer)
     context_ids, continuations = _encode(tokenizer, contexts, options)
     totals: dict[tuple[int, int], float] = {}
     for chunk in _row_chunks(continuations, option_tokens):

@@ -37,13 +37,13 @@ from trialign.rollout.sampler import (
     Generation,
     GenerationCache,
     action_piece,
-    end_of_turn_id,
     score_actions,
     score_actions_on_cache,
 )
 from trialign.rollout.schema import answer_columns
 from trialign.rollout.simulator import UserSimulator
 from trialign.tasks.item import Item
+from trialign.tokens import end_of_turn_id, padding_id
 
 
 class Sampler(Protocol):
@@ -156,9 +156,9 @@ def to_actions(tokenizer, episodes: Sequence[_Episode], prompts: Sequence[list[i
             rescore.append(index)
         actions.append(Action(text, piece, ids, sample.logprob if sample.logprob is not None else float("nan")))
     if rescore and generation.cache is not None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
         scores = score_actions_on_cache(model, generation.cache, rescore, [prompts[i] for i in rescore],
-                                        [actions[i].token_ids for i in rescore], pad_id=pad, batch_size=batch_size)
+                                        [actions[i].token_ids for i in rescore], pad_id=padding_id(tokenizer),
+                                        batch_size=batch_size)
     elif rescore:
         scores = score_actions(model, tokenizer, [prompts[i] for i in rescore],
                                [actions[i].token_ids for i in rescore], batch_size=batch_size)

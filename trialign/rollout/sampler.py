@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import torch
 
 from trialign.errors import TriAlignError
+from trialign.tokens import end_of_turn_id, padding_id, stop_token_ids
 
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 @dataclass
@@ -71,33 +71,6 @@ class Generation:
     """The KV cache of prompts + messages, when the backend exposes it (transformers, without autocast)."""
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """The token the chat template closes an assistant message with (``<|im_end|>`` for ChatML)."""
-    marker = "\x00MARK\x00"
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
-    tail = rendered.split(marker, 1)[1] if marker in rendered else ""
-    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
-    if tail_ids:
-        return int(tail_ids[0])
-    if tokenizer.eos_token_id is None:
-        raise TriAlignError(f"tokenizer {tokenizer.name_or_path!r}: no end-of-turn or EOS token to end a message")
-    return int(tokenizer.eos_token_id)
-
-
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Tokens that end a sampled message: the end-of-turn token, EOS, and the model's configured EOS ids."""
-    ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    for token in _END_OF_TURN_TOKENS:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return sorted(int(i) for i in ids if i is not None)
-
-
 def action_piece(tokenizer, messages: Sequence[dict[str, str]], prompt: str, text: str, end_text: str) -> str:
     """The template text of assistant message `text` after `messages` (whose render with the generation prompt is
     `prompt`), up to and including its last end-of-turn token: the action a_t as training tokenizes it."""
@@ -126,11 +99,6 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad) if pad is not None else 0
-
-
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] per row, without materializing the log-softmax."""
     logits = logits.float()
@@ -146,7 +114,7 @@ def score_actions(
     if len(prompts) != len(actions):
         raise ValueError(f"score_actions: {len(prompts)} prompts but {len(actions)} actions")
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     totals = [0.0] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(actions[i])))
     for start in range(0, len(order), batch_size):
@@ -211,7 +179,7 @@ class HFSampler:
         self.autocast = autocast
         self.end_id = end_of_turn_id(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer, model)
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = padding_id(tokenizer)
 
     @property
     def device(self) -> torch.device:

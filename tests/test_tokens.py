@@ -1,0 +1,37 @@
+"""The token rules every stage shares (`trialign.tokens`)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from trialign.tokens import end_of_turn_id, padding_id, stop_token_ids
+
+
+def test_padding_id_falls_back_from_pad_to_eos_to_zero():
+    assert padding_id(SimpleNamespace(pad_token_id=7, eos_token_id=2)) == 7
+    assert padding_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert padding_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+
+
+def test_stop_tokens_hold_the_end_of_turn_eos_and_the_models_configured_eos(embedded_tokenizer):
+    im_end = embedded_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(embedded_tokenizer) == im_end  # read off the chat template (ChatML)
+    plain = stop_token_ids(embedded_tokenizer)
+    assert im_end in plain and embedded_tokenizer.eos_token_id in plain and plain == sorted(plain)
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[5, 6]))
+    assert stop_token_ids(embedded_tokenizer, model) == sorted(set(plain) | {5, 6})
+
+
+def test_one_rule_for_stops_in_the_sampler_the_probe_and_generation(embedded_tokenizer, tiny_model):
+    """Rollout (`HFSampler`), evaluation's generate mode and the probe's short answers stop on the same tokens."""
+    import inspect
+
+    import trialign.generation as generation
+    from trialign.probe import AnswerProbe
+    from trialign.rollout.sampler import HFSampler
+
+    expected = stop_token_ids(embedded_tokenizer, tiny_model)
+    assert HFSampler(tiny_model, embedded_tokenizer).stop_ids == expected
+    probe_stops = set(AnswerProbe(tiny_model, embedded_tokenizer)._stop_ids().tolist())
+    assert set(expected) <= probe_stops  # plus every token holding a newline
+    assert "stop_token_ids(tokenizer, model)" in inspect.getsource(generation.generate_texts)
