@@ -20,14 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from trialign.errors import TriAlignError, require
+from trialign.metric_names import metric_names
 
-COMPARED = (
-    ("consistency", "consistency", +1),
-    ("acc_mean", "accuracy", +1),
-    ("acc_worst", "worst-group acc.", +1),
-    ("breakage_mean", "breakage", -1),
-    ("personalization_mean", "personalization", +1),
-)
+COMPARED = tuple((m.key, m.short, m.direction) for m in metric_names(
+    "consistency", "acc_mean", "acc_worst", "breakage_mean", "personalization_mean"))
 """(metric, label, direction: +1 higher is better) of the paired-difference tables."""
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterator, Mapping, TypeVar
 
 import yaml
 
@@ -158,3 +160,23 @@ def collect_settings(args: argparse.Namespace, command: str) -> tuple[dict[str, 
     values.update({k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None})
     values.update(dict(parse_override(o) for o in args.overrides))
     return values, (f"config file {args.config}" if args.config else command)
+
+
+# ------------------------------------------------------------------------------------------ instantiation by the CLI
+_FROM_CLI: contextvars.ContextVar[bool] = contextvars.ContextVar("trialign_from_cli", default=False)
+
+
+@contextlib.contextmanager
+def instantiating_from_cli() -> Iterator[None]:
+    """While `TriAlignCLI` builds the model and data classes from a parsed config (`from_cli` is True inside)."""
+    token = _FROM_CLI.set(True)
+    try:
+        yield
+    finally:
+        _FROM_CLI.reset(token)
+
+
+def from_cli() -> bool:
+    """True while `TriAlignCLI` instantiates classes: LightningCLI then hands `save_hyperparameters` the parsed
+    config (plain dicts with class_path/init_args) instead of the live objects."""
+    return _FROM_CLI.get()

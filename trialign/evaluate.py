@@ -39,6 +39,7 @@ from trialign.config_io import build_dataclass, collect_settings, settings_parse
 from trialign.errors import TriAlignError, require
 from trialign.prompts import DEFAULT_PROBE_TEMPLATE, probe_template
 from trialign.fileio import write_json_atomic, write_jsonl_atomic
+from trialign.metric_names import SUMMARY_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -257,17 +258,7 @@ def summarize(records: AuditRecords, n_resamples: int, seed: int) -> dict[str, d
     return {k: {"value": float(v), "ci_low": float("nan"), "ci_high": float("nan")} for k, v in point.items()}
 
 
-SUMMARY_ROWS = [
-    ("acc_mean", "accuracy (mean over groups)"),
-    ("acc_worst", "worst-group accuracy"),
-    ("acc_gap", "accuracy gap (max - min)"),
-    ("acc_std", "accuracy std over groups"),
-    ("consistency", "consistency rate (all groups same answer)"),
-    ("consistent_correct", "consistent-and-correct rate"),
-    ("breakage_mean", "breakage vs. reference (PERG)"),
-    ("personalization_mean", "personalization (mean over groups)"),
-    ("nash_welfare", "Nash welfare sum_g log U_g"),
-]
+SUMMARY_ROWS = [(m.key, m.long) for m in SUMMARY_METRICS]
 
 
 def add_group_means(metrics: dict[str, dict[str, float]], records: AuditRecords, n_resamples: int, seed: int) -> None:

@@ -51,6 +51,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from trialign.checkpoints import find_last_checkpoint, load_checkpoint, use_safe_checkpoint_io
+from trialign.config_io import instantiating_from_cli
 from trialign.datamodules.trajectories import GroupTrajectoryDataModule
 from trialign.errors import TriAlignError
 from trialign.modules.trialign_module import TriAlignModule
@@ -101,6 +102,10 @@ class TriAlignCLI(LightningCLI):
         from trialign.backbone import resolve_model_source
 
         resolve_model_source(config.model.model)
+
+    def instantiate_classes(self) -> None:
+        with instantiating_from_cli():
+            super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

@@ -313,15 +313,18 @@ def audit_metrics(
     reference: str | None = None,
     *,
     with_flip_rate: bool = False,
+    probe_only: bool = False,
     eps: float = NASH_WELFARE_EPS,
 ) -> MetricCollection:
-    """All audit metrics in one `MetricCollection`.
+    """All audit metrics in one `MetricCollection` (evaluation's, and with `probe_only` training validation's).
 
     Update it with keywords: ``update(correct=, answers=, personalization=, utility=)`` plus ``answers_before=,
     answers_after=, challenged=`` when `with_flip_rate`; each metric takes the ones it needs. Breakage is included
     when `reference` names a group. ``compute()`` returns ``acc`` [G], ``acc_worst``, ``acc_gap``, ``acc_std``,
     ``consistency``, ``consistent_correct``, ``personalization`` [G], ``nash_welfare`` and, when included,
-    ``breakage`` [G], ``breakage_mean``, ``flip`` [G], ``flip_mean``; pass it to `flatten_results`.
+    ``breakage`` [G], ``breakage_mean``, ``flip`` [G], ``flip_mean``; pass it to `flatten_results`. `probe_only`
+    leaves out personalization and Nash welfare (answers read by the probe, no response: ``update(correct=,
+    answers=)``).
     """
     names = check_group_names(group_names)
     metrics: dict[str, Metric] = {
@@ -329,9 +332,10 @@ def audit_metrics(
         "acc_disparity": CrossGroupDisparity(names),
         "consistency": ConsistencyRate(names),
         "consistent_correct": ConsistentCorrectRate(names),
-        "personalization": GroupPersonalization(names),
-        "nash_welfare": NashWelfare(names, eps=eps),
     }
+    if not probe_only:
+        metrics["personalization"] = GroupPersonalization(names)
+        metrics["nash_welfare"] = NashWelfare(names, eps=eps)
     if reference is not None:
         metrics["breakage"] = BreakageRate(names, reference)
     if with_flip_rate:

@@ -36,18 +36,12 @@ from trialign.config_io import FlagParser
 from trialign.errors import TriAlignError, require
 from trialign.experiment import SPLITS
 from trialign.fileio import write_bytes_atomic
+from trialign.metric_names import metric_names
 
 # (metrics.json name, column header, direction: +1 higher is better, -1 lower is better).
-COLUMNS = [
-    ("acc_mean", "accuracy", +1),
-    ("acc_worst", "worst-group acc.", +1),
-    ("acc_gap", "gap", -1),
-    ("consistency", "consistency", +1),
-    ("consistent_correct", "consistent & correct", +1),
-    ("breakage_mean", "breakage", -1),
-    ("personalization_mean", "personalization", +1),
-    ("nash_welfare", "Nash welfare", +1),
-]
+COLUMNS = [(m.key, m.short, m.direction) for m in metric_names(
+    "acc_mean", "acc_worst", "acc_gap", "consistency", "consistent_correct", "breakage_mean", "personalization_mean",
+    "nash_welfare")]
 DIGITS = 3
 SPLIT_ORDER = SPLITS  # the experiment's splits, in its order
 SPLIT_NOTES = {

@@ -67,16 +67,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from trialign.backbone import DEFAULT_MODEL, LoraSettings
+from trialign.config_io import from_cli
 from trialign.errors import TriAlignError
-from trialign.metrics import (
-    BreakageRate,
-    ConsistencyRate,
-    ConsistentCorrectRate,
-    CrossGroupDisparity,
-    GroupAccuracy,
-    check_group_names,
-    flatten_results,
-)
+from trialign.metrics import audit_metrics, check_group_names, flatten_results
 from trialign.modules.aggregators import Aggregator
 from trialign.modules.export import write_adapter_folder
 from trialign.modules.heads import GroupValueHeads
@@ -92,16 +85,6 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 COMPONENTS = ("value", "objective", "aggregator", "penalty")
-
-
-def _under_lightning_cli() -> bool:
-    """True while LightningCLI instantiates the module: it then hands `save_hyperparameters` the parsed config
-    (plain dicts with class_path/init_args) instead of the live objects."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # a future Lightning without it: save plain values only
-        return False
-    return _given_hyperparameters.get() is not None
 
 
 class TriAlignModule(LightningModule):
@@ -158,7 +141,7 @@ class TriAlignModule(LightningModule):
         probe_share_prefix: bool = True,
     ):
         super().__init__()
-        under_cli = _under_lightning_cli()
+        under_cli = from_cli()  # LightningCLI hands save_hyperparameters the parsed config, not live objects
         # Outside the CLI the components are live objects: keep them out of the checkpoint's hyper-parameters
         # (they are already in its state dict, and pickled objects could not be loaded with weights_only=True).
         self.save_hyperparameters(ignore=None if under_cli else [*COMPONENTS, "optimizer", "lora"])
@@ -228,15 +211,8 @@ class TriAlignModule(LightningModule):
         self.value_heads = GroupValueHeads(self.group_names, self.policy.hidden_size)
 
     def _validation_metrics(self) -> MetricCollection:
-        metrics = {
-            "acc": GroupAccuracy(self.group_names),
-            "acc_disparity": CrossGroupDisparity(self.group_names),
-            "consistency": ConsistencyRate(self.group_names),
-            "consistent_correct": ConsistentCorrectRate(self.group_names),
-        }
-        if self.reference_group is not None and len(self.group_names) > 1:
-            metrics["breakage"] = BreakageRate(self.group_names, self.reference_group)
-        return MetricCollection(metrics)
+        reference = self.reference_group if len(self.group_names) > 1 else None
+        return audit_metrics(self.group_names, reference, probe_only=True)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The adapters (all of them, also with per-group adapters) and the value heads."""
