@@ -35,7 +35,7 @@ def test_probe_audit_on_tiny_model_writes_consistent_metrics(tmp_path, tiny_mode
                             bootstrap=50, output=str(out))
     document = evaluate(config, progress=False)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["metrics"] == json.loads(json.dumps(document["metrics"]))
+    assert saved["metrics"] == json.loads(json.dumps(document.metrics))
     rows = [json.loads(line) for line in (out / "per_item.jsonl").read_text().splitlines()]
     assert len(rows) == 6 * 3
     # Recompute consistency and per-group accuracy from the per-item rows by hand.

@@ -19,7 +19,7 @@ import pytest
 
 from trialign.cli import main as cli_main
 from trialign.evaluate import AuditRecords, EvaluateConfig, add_group_means, summarize
-from trialign.fileio import write_json_atomic
+from trialign.results import EvaluationResult
 from trialign.report import COLUMNS, format_cell
 
 TRAIN_GROUPS = ["neutral", "teenager", "phd_researcher", "retired_farmer"]
@@ -61,7 +61,7 @@ def audit_document(label: str, task: str, groups: list[str], accuracy: float, sp
 def write_result(folder: Path, document: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rows = document.pop("rows", [])
-    write_json_atomic(folder / "metrics.json", document)
+    EvaluationResult(**document).write(folder)  # the writer evaluate uses
     (folder / "per_item.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
 

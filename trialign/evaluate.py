@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -38,8 +38,9 @@ from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer
 from trialign.config_io import build_dataclass, collect_settings, settings_parser
 from trialign.errors import TriAlignError, require
 from trialign.prompts import DEFAULT_PROBE_TEMPLATE, probe_template
-from trialign.fileio import write_json_atomic, write_jsonl_atomic
+from trialign.fileio import write_jsonl_atomic
 from trialign.metric_names import SUMMARY_METRICS
+from trialign.results import EvaluationResult
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +307,8 @@ def log_tensorboard(out: Path, metrics: dict[str, dict[str, float]], label: str)
         writer.add_text("audit/method", label, global_step=0)
 
 
-def evaluate(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the audit described by `config`; returns the metrics JSON document (also written to disk)."""
+def evaluate(config: EvaluateConfig, progress: bool = True) -> EvaluationResult:
+    """Run the audit described by `config`; returns what it writes to ``metrics.json``."""
     from trialign.groups import load_groups, select_groups
     from trialign.tasks import load_task
 
@@ -335,25 +336,17 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     add_group_means(metrics, records, config.bootstrap, config.seed)
     label = config.label or (config.model + ("" if config.system_prompt == "none" else f" + {config.system_prompt}")
                              + ("" if config.pipeline == "direct" else f" + {config.pipeline}"))
-    document = {
-        "label": label,
-        "config": dataclasses.asdict(config),
-        "task": config.task,
-        "num_items": len(items),
-        "groups": records.group_names,
-        "reference": records.reference,
-        "mode": config.mode,
-        "seconds": round(elapsed, 2),
-        "metrics": metrics,
-    }
+    result = EvaluationResult(label=label, config=dataclasses.asdict(config), task=config.task,
+                              num_items=len(items), groups=records.group_names, reference=records.reference,
+                              mode=config.mode, seconds=round(elapsed, 2), metrics=metrics)
     write_jsonl_atomic(out / "per_item.jsonl", records.rows)
-    write_json_atomic(out / "metrics.json", document)
+    result.write(out)
     log_tensorboard(out, metrics, label)
     print(f"\n{label} | {config.task} | {len(items)} items x {len(groups)} groups | mode={config.mode} | "
           f"{elapsed:.0f} s\n")
     print(format_report(metrics, records))
     print(f"\nwrote {out / 'metrics.json'}, {out / 'per_item.jsonl'}, {out / 'tensorboard'}")
-    return document
+    return result
 
 
 def main(argv: Sequence[str]) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import html
 import json
 import math
@@ -37,6 +36,7 @@ from trialign.errors import TriAlignError, require
 from trialign.experiment import SPLITS
 from trialign.fileio import write_bytes_atomic
 from trialign.metric_names import metric_names
+from trialign.results import EvaluationResult, metrics_file, read_result
 
 # (metrics.json name, column header, direction: +1 higher is better, -1 lower is better).
 COLUMNS = [(m.key, m.short, m.direction) for m in metric_names(
@@ -61,23 +61,22 @@ class Evaluation:
     split: str
     path: Path
     """The metrics.json file."""
-    document: dict[str, Any]
+    document: EvaluationResult
     sha256: str
     kind: str | None = None
     """`trained` / `training-free` when the experiment says so."""
 
     def metric(self, name: str) -> tuple[float | None, float | None, float | None]:
-        entry = self.document["metrics"].get(name)
+        entry = self.document.metrics.get(name)
         if not isinstance(entry, dict):
             return None, None, None
         return _number(entry.get("value")), _number(entry.get("ci_low")), _number(entry.get("ci_high"))
 
     @property
     def groups(self) -> list[str]:
-        listed = self.document.get("groups")
-        if isinstance(listed, list):
-            return [str(g) for g in listed]
-        return [k.split("/", 1)[1] for k in self.document["metrics"] if k.startswith("acc/")]
+        if self.document.groups:
+            return list(self.document.groups)
+        return [k.split("/", 1)[1] for k in self.document.metrics if k.startswith("acc/")]
 
 
 @dataclass
@@ -122,31 +121,13 @@ def _read_json(path: Path, what: str) -> Any:
         raise TriAlignError(f"{what} {path}: unreadable ({err})")
 
 
-def read_metrics(path: str | Path) -> tuple[dict[str, Any], str]:
-    """A ``metrics.json`` (or the folder holding it) as a checked document, plus its sha256."""
-    path = _metrics_file(path)
-    document = _read_json(path, "metrics file")
-    require(isinstance(document, dict), f"metrics file {path}: expected a JSON object")
-    metrics = document.get("metrics")
-    require(isinstance(metrics, dict) and metrics, f"metrics file {path}: expected a non-empty 'metrics' object")
-    for name, entry in metrics.items():
-        require(isinstance(entry, dict) and "value" in entry,
-                f"metrics file {path}: metric '{name}' should be an object with 'value', 'ci_low', 'ci_high'")
-    return document, hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _metrics_file(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.suffix == ".json" else path / "metrics.json"
-
-
 def _metrics_path(base: Path, entry_path: str) -> Path:
     path = Path(entry_path)
     if not path.is_absolute():
         # The pipeline may record paths relative to the run folder or to where it was started; prefer the run folder.
         in_run = base / path
         path = in_run if in_run.exists() or not path.exists() else path
-    return _metrics_file(path)
+    return metrics_file(path)
 
 
 def from_experiment(folder: str | Path, title: str | None = None) -> Report:
@@ -170,7 +151,7 @@ def from_experiment(folder: str | Path, title: str | None = None) -> Report:
         raw = entry.get("path", f"eval/{method}/{split}")
         require(isinstance(raw, str) and raw, f"{where}: expected a string 'path'")
         path = _metrics_path(folder, raw)
-        document, digest = read_metrics(path)
+        document, digest = read_result(path)
         evaluations.append(Evaluation(method, split, path, document, digest, kind=kinds.get(method)))
     name = manifest.get("name") or folder.name
     return Report(title or f"TriAlign experiment: {name}", _unique(evaluations), manifest, source=str(manifest_path))
@@ -181,13 +162,13 @@ def from_results(folders: Sequence[str | Path], title: str | None = None) -> Rep
     require(len(folders) > 0, "results: expected at least one evaluate output folder")
     evaluations = []
     for folder in folders:
-        document, digest = read_metrics(folder)
-        path = _metrics_file(folder)
-        config = document.get("config") if isinstance(document.get("config"), dict) else {}
-        method = str(document.get("label") or path.parent.name)
-        task = str(document.get("task") or config.get("task") or "task")
+        document, digest = read_result(folder)
+        path = metrics_file(folder)
+        config = document.config
+        method = document.label or path.parent.name
+        task = str(document.task or config.get("task") or "task")
         groups = config.get("groups")
-        groups = Path(str(groups)).stem if groups else f"{len(document.get('groups') or [])} groups"
+        groups = Path(str(groups)).stem if groups else f"{len(document.groups)} groups"
         evaluations.append(Evaluation(method, f"{task} / {groups}", path, document, digest))
     return Report(title or "TriAlign evaluation report", _unique(evaluations), None, source="results")
 
@@ -230,7 +211,7 @@ def results_table(evaluations: list[Evaluation]) -> tuple[list[str], list[list[s
     kinds = any(e.kind for e in evaluations)  # known only from an experiment
     header = ["method"] + ["kind"] * kinds + ["items"]
     header += [f"{label} {'↑' if d > 0 else '↓'}" for _, label, d in COLUMNS]
-    rows = [[e.method] + [e.kind or "-"] * kinds + [str(e.document.get("num_items", "?"))] for e in evaluations]
+    rows = [[e.method] + [e.kind or "-"] * kinds + [str(e.document.num_items or "?")] for e in evaluations]
     bold = []
     for name, _, direction in COLUMNS:
         values = [e.metric(name) for e in evaluations]
@@ -249,7 +230,7 @@ def paired_differences(report: Report, split: str):
     from trialign.comparison import Evaluated, paired_table
 
     if split not in report.paired:
-        evaluations = [Evaluated(e.method, e.kind, e.path.parent, e.groups, e.document.get("reference"),
+        evaluations = [Evaluated(e.method, e.kind, e.path.parent, e.groups, e.document.reference,
                                  e.metric("consistency")[0]) for e in report.in_split(split)]
         try:
             report.paired[split] = paired_table(evaluations, seed=int(report.seed))
@@ -263,9 +244,9 @@ def split_groups(evaluations: list[Evaluation]) -> list[str]:
 
 
 def split_caption(split: str, evaluations: list[Evaluation]) -> str:
-    tasks = sorted({str(e.document.get("task", "?")) for e in evaluations})
-    items = sorted({e.document.get("num_items") for e in evaluations}, key=str)
-    modes = sorted({str(e.document.get("mode", "?")) for e in evaluations})
+    tasks = sorted({e.document.task or "?" for e in evaluations})
+    items = sorted({e.document.num_items for e in evaluations}, key=str)
+    modes = sorted({e.document.mode or "?" for e in evaluations})
     groups = {tuple(e.groups) for e in evaluations}
     text = (f"task {', '.join(tasks)}; {' / '.join(map(str, items))} items x {len(split_groups(evaluations))} "
             f"groups; mode {', '.join(modes)}")
@@ -277,7 +258,7 @@ def split_caption(split: str, evaluations: list[Evaluation]) -> str:
 
 
 def reading_notes(report: Report) -> list[str]:
-    items = sorted({e.document.get("num_items") for e in report.evaluations if e.document.get("num_items")})
+    items = sorted({e.document.num_items for e in report.evaluations if e.document.num_items})
     counts = ", ".join(map(str, items)) or "an unknown number of"
     return [
         f"Every number is computed from {counts} items per evaluation; the brackets are 95% percentile-bootstrap "
@@ -306,8 +287,7 @@ def provenance(report: Report) -> tuple[dict[str, Any], list[tuple[str, str, str
 
     if report.experiment is not None:
         flatten("", report.experiment.get("fingerprints") or {})
-    configs = [e.document.get("config") if isinstance(e.document.get("config"), dict) else {}
-               for e in report.evaluations]
+    configs = [e.document.config for e in report.evaluations]
     keys = list(dict.fromkeys(k for c in configs for k in c))
     shared = {k: configs[0].get(k) for k in keys if all(k in c and c[k] == configs[0][k] for c in configs)}
     differing = [(e.method, e.split, _yaml({k: v for k, v in c.items() if k not in shared}))
@@ -356,7 +336,7 @@ def _bold_map(header: list[str], bold: list[set[int]]) -> dict[tuple[int, int], 
 
 def group_table(evaluations: list[Evaluation]) -> tuple[list[str], list[list[str]]]:
     header = ["group"] + [e.method for e in evaluations]
-    references = {e.document.get("reference") for e in evaluations}
+    references = {e.document.reference for e in evaluations}
     rows = [[g + (" (reference)" if g in references else "")]
             + [format_cell(*e.metric(f"acc/{g}")) for e in evaluations] for g in split_groups(evaluations)]
     return header, rows

@@ -41,7 +41,7 @@ def group_chart(report: Report, split: str) -> bytes:
                           for g in groups] for e in evaluations], dtype=float)
     agreement = np.full_like(accuracy, np.nan)
     for row, e in enumerate(evaluations):
-        reference = e.document.get("reference")
+        reference = e.document.reference
         if reference not in e.groups:
             continue
         try:
@@ -54,7 +54,7 @@ def group_chart(report: Report, split: str) -> bytes:
                 agreement[row, col] = same[:, e.groups.index(g)].mean()
     width = 2 * (0.55 * len(groups) + 1.0) + 2.0
     fig = Figure(figsize=(max(7.0, width), 0.45 * len(evaluations) + 2.2))
-    reference = {e.document.get("reference") for e in evaluations}
+    reference = {e.document.reference for e in evaluations}
     labels = [f"{g} (ref.)" if g in reference else g for g in groups]
     for k, (values, title) in enumerate(((accuracy, "accuracy"), (agreement, "same answer as the neutral user"))):
         ax = fig.add_subplot(1, 2, k + 1)

@@ -1,0 +1,87 @@
+"""``metrics.json``, the summary `trialign evaluate` writes and `trialign report` reads: one type, one writer, one
+reader.
+
+    {"label": str, "config": {...the EvaluateConfig...}, "task": str, "num_items": int, "groups": [str],
+     "reference": str | null, "mode": "probe" | "generate", "seconds": float,
+     "metrics": {name: {"value": float, "ci_low": float, "ci_high": float}}}
+
+The reader checks the shape and names the file and field in one line; fields other than ``metrics`` may be missing
+in files written by hand (they default to empty), never of another type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trialign.errors import TriAlignError, require
+from trialign.fileio import write_json_atomic
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class EvaluationResult:
+    """The contents of one ``metrics.json``."""
+
+    metrics: dict[str, dict[str, float]]
+    """Per metric name (`trialign.metric_names` for the summary ones, ``acc/<group>`` etc. per group): value and
+    95% CI bounds (NaN when no bootstrap ran)."""
+    label: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    task: str = ""
+    num_items: int = 0
+    groups: list[str] = field(default_factory=list)
+    reference: str | None = None
+    mode: str = ""
+    seconds: float = 0.0
+
+    def write(self, folder: str | Path) -> Path:
+        """Write ``<folder>/metrics.json`` atomically; returns its path."""
+        path = Path(folder) / METRICS_FILE
+        write_json_atomic(path, asdict(self))
+        return path
+
+
+def metrics_file(path: str | Path) -> Path:
+    """A ``metrics.json`` path, or the evaluate output folder holding one."""
+    path = Path(path)
+    return path if path.suffix == ".json" else path / METRICS_FILE
+
+
+_TYPES = {"label": str, "config": dict, "task": str, "num_items": int, "groups": list, "mode": str,
+          "seconds": (int, float)}
+
+
+def read_result(path: str | Path) -> tuple[EvaluationResult, str]:
+    """A checked ``metrics.json`` (or the folder holding it) and the sha256 of its bytes."""
+    path = metrics_file(path)
+    try:
+        raw = path.read_bytes()
+        document = json.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise TriAlignError(f"metrics file {path}: not found") from None
+    except json.JSONDecodeError as err:
+        raise TriAlignError(f"metrics file {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})")
+    except (UnicodeDecodeError, OSError) as err:
+        raise TriAlignError(f"metrics file {path}: unreadable ({err})")
+    require(isinstance(document, dict), f"metrics file {path}: expected a JSON object")
+    metrics = document.get("metrics")
+    require(isinstance(metrics, dict) and metrics, f"metrics file {path}: expected a non-empty 'metrics' object")
+    for name, entry in metrics.items():
+        require(isinstance(entry, dict) and "value" in entry,
+                f"metrics file {path}: metric '{name}' should be an object with 'value', 'ci_low', 'ci_high'")
+    for key, kind in _TYPES.items():
+        value = document.get(key)
+        require(value is None or (isinstance(value, kind) and not isinstance(value, bool)),
+                f"metrics file {path}: '{key}' should be a {getattr(kind, '__name__', 'number')}, got {value!r}")
+    reference = document.get("reference")
+    require(reference is None or isinstance(reference, str),
+            f"metrics file {path}: 'reference' should be a group id or null, got {reference!r}")
+    values = {key: document[key] for key in _TYPES if document.get(key) is not None}
+    result = EvaluationResult(metrics=metrics, reference=reference, **values)
+    result.groups = [str(g) for g in result.groups]
+    return result, hashlib.sha256(raw).hexdigest()
