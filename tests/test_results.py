@@ -27,8 +27,8 @@ def test_written_result_reads_back_equal_with_the_sha256_of_its_bytes(tmp_path):
 @pytest.mark.parametrize("document, message", [
     ({"metrics": {}}, "expected a non-empty 'metrics' object"),
     ({"metrics": {"acc_mean": 0.5}}, "metric 'acc_mean' should be an object with 'value'"),
-    ({"metrics": {"acc_mean": {"value": 0.5}}, "num_items": "3"}, "'num_items' should be a int, got '3'"),
-    ({"metrics": {"acc_mean": {"value": 0.5}}, "groups": "neutral"}, "'groups' should be a list"),
+    ({"metrics": {"acc_mean": {"value": 0.5}}, "num_items": "3"}, "'num_items' should be of type integer, got '3'"),
+    ({"metrics": {"acc_mean": {"value": 0.5}}, "groups": "neutral"}, "'groups' should be of type list"),
     ({"metrics": {"acc_mean": {"value": 0.5}}, "reference": 1}, "'reference' should be a group id or null"),
     ([1, 2], "expected a JSON object"),
 ])

@@ -54,6 +54,7 @@ def metrics_file(path: str | Path) -> Path:
 
 _TYPES = {"label": str, "config": dict, "task": str, "num_items": int, "groups": list, "mode": str,
           "seconds": (int, float)}
+_TYPE_NAMES = {str: "string", dict: "JSON object", int: "integer", list: "list", (int, float): "number"}
 
 
 def read_result(path: str | Path) -> tuple[EvaluationResult, str]:
@@ -77,7 +78,7 @@ def read_result(path: str | Path) -> tuple[EvaluationResult, str]:
     for key, kind in _TYPES.items():
         value = document.get(key)
         require(value is None or (isinstance(value, kind) and not isinstance(value, bool)),
-                f"metrics file {path}: '{key}' should be a {getattr(kind, '__name__', 'number')}, got {value!r}")
+                f"metrics file {path}: '{key}' should be of type {_TYPE_NAMES[kind]}, got {value!r}")
     reference = document.get("reference")
     require(reference is None or isinstance(reference, str),
             f"metrics file {path}: 'reference' should be a group id or null, got {reference!r}")
