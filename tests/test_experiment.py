@@ -95,7 +95,7 @@ def test_a_different_config_in_the_same_folder_is_refused_and_nothing_is_touched
     code = main(["experiment", "--config", "configs/experiment/quick.yaml", "--output", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "holds an experiment with a different config" in err and "--overwrite" in err
-    assert (out / "experiment.json").read_bytes() == before and state["done"] == {}
+    assert (out / "experiment.json").read_bytes() == before and state.done == {}
 
 
 @pytest.mark.slow

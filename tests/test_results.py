@@ -41,3 +41,19 @@ def test_bad_files_are_one_line_errors_naming_file_and_field(tmp_path, document,
     path.write_text("{")
     with pytest.raises(TriAlignError, match="invalid JSON at line 1"):
         read_result(path)
+
+
+def test_experiment_state_round_trips_and_refuses_bad_fields(tmp_path):
+    from trialign.experiment_state import ExperimentState, read_state
+
+    state = ExperimentState(name="demo", config={"seed": 0}, done={"rollout": {"seconds": 2.5}},
+                            evaluations=[{"method": "base", "split": "main", "path": "eval/base/main"}])
+    path = tmp_path / "experiment.json"
+    state.write(path)
+    assert read_state(path) == state and read_state(path).step_seconds() == 2.5
+    path.write_text(json.dumps({"done": [], "format": "trialign-experiment"}))
+    with pytest.raises(TriAlignError, match=r"experiment state .*experiment.json: 'done' should be of type JSON"):
+        read_state(path)
+    path.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(TriAlignError, match="format 'other', expected 'trialign-experiment'"):
+        read_state(path)

@@ -48,7 +48,7 @@ from typing import Any, Sequence
 from trialign.backbone import DEFAULT_MODEL
 from trialign.config_io import build_dataclass, collect_settings, read_yaml_mapping, settings_parser
 from trialign.errors import TriAlignError, require
-from trialign.fileio import write_json_atomic
+from trialign.experiment_state import ExperimentState, read_state
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +187,20 @@ class Experiment:
     def state_path(self) -> Path:
         return self.out / "experiment.json"
 
-    def read_state(self) -> dict[str, Any] | None:
+    def read_state(self) -> ExperimentState | None:
         if not self.state_path.is_file():
             return None
         try:
-            return json.loads(self.state_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TriAlignError(f"experiment state {self.state_path}: unreadable ({err}); pass --overwrite to "
-                                "start over")
+            return read_state(self.state_path)
+        except TriAlignError as err:
+            raise TriAlignError(f"{err}; pass --overwrite to start over") from None
 
-    def prepare(self) -> dict[str, Any]:
+    def prepare(self) -> ExperimentState:
         """Refuse another experiment's folder, replace it on --overwrite, or resume this one's state."""
         state = self.read_state()
-        if state is not None and state.get("config") != json.loads(json.dumps(self.config.content())):
+        if state is not None and state.config != json.loads(json.dumps(self.config.content())):
             if not self.config.overwrite:
-                old = state.get("config") or {}
+                old = state.config
                 new = self.config.content()
                 differs = sorted(k for k in set(old) | set(new) if old.get(k) != json.loads(json.dumps(new.get(k))))
                 raise TriAlignError(f"output {self.out}: holds an experiment with a different config "
@@ -218,14 +217,13 @@ class Experiment:
         except OSError as err:
             raise TriAlignError(f"output {self.out}: not writable ({err.strerror or err})")
         if state is None:
-            state = {"format": "trialign-experiment", "name": self.config.name, "config": self.config.content(),
-                     "done": {}}
-        state.update(methods=self.methods(), evaluations=self.evaluations())
+            state = ExperimentState(name=self.config.name, config=json.loads(json.dumps(self.config.content())))
+        state.methods, state.evaluations = self.methods(), self.evaluations()
         self.save(state)
         return state
 
-    def save(self, state: dict[str, Any]) -> None:
-        write_json_atomic(self.state_path, state)
+    def save(self, state: ExperimentState) -> None:
+        state.write(self.state_path)
 
     # ---- what runs ---------------------------------------------------------------------------------------------
     def methods(self) -> list[dict[str, Any]]:
@@ -351,26 +349,26 @@ class Experiment:
         return found
 
 
-def run(config: ExperimentConfig) -> dict[str, Any]:
+def run(config: ExperimentConfig) -> ExperimentState:
     """Run every unfinished step in order; returns the final state (also in experiment.json)."""
     experiment = Experiment(config)
     state = experiment.prepare()
     steps = experiment.steps()
     started = time.perf_counter()
     for number, step in enumerate(steps, 1):
-        if step.key in state["done"]:
+        if step.key in state.done:
             log.info("[%d/%d] %s: done before, skipped", number, len(steps), step.describe)
             continue
         log.info("[%d/%d] %s ...", number, len(steps), step.describe)
         t0 = time.perf_counter()
         step.run()
         seconds = time.perf_counter() - t0
-        state["done"][step.key] = {"seconds": round(seconds, 1)}
+        state.done[step.key] = {"seconds": round(seconds, 1)}
         if step.key == "rollout":
-            state["fingerprints"] = experiment.fingerprints()
+            state.fingerprints = experiment.fingerprints()
         experiment.save(state)
         log.info("[%d/%d] %s: %.0f s", number, len(steps), step.describe, seconds)
-    total = sum(d.get("seconds", 0.0) for d in state["done"].values())
+    total = state.step_seconds()
     print(f"\nexperiment {config.name}: {len(steps)} steps, {total:.0f} s of work "
           f"({time.perf_counter() - started:.0f} s in this run)\nreport: {experiment.out / 'report.md'}, "
           f"{experiment.out / 'report.html'}")

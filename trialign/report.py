@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import yaml
 from trialign.config_io import FlagParser
 from trialign.errors import TriAlignError, require
 from trialign.experiment import SPLITS
+from trialign.experiment_state import ExperimentState, read_state
 from trialign.fileio import write_bytes_atomic
 from trialign.metric_names import metric_names
 from trialign.results import EvaluationResult, metrics_file, read_result
@@ -83,7 +83,7 @@ class Evaluation:
 class Report:
     title: str
     evaluations: list[Evaluation]
-    experiment: dict[str, Any] | None = None
+    experiment: ExperimentState | None = None
     source: str = ""
     splits: list[str] = field(init=False)
     methods: list[str] = field(init=False)
@@ -110,17 +110,6 @@ def _number(value: Any) -> float | None:
 # ----------------------------------------------------------------------------------------------- reading inputs
 
 
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise TriAlignError(f"{what} {path}: not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise TriAlignError(f"{what} {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})")
-    except (UnicodeDecodeError, OSError) as err:
-        raise TriAlignError(f"{what} {path}: unreadable ({err})")
-
-
 def _metrics_path(base: Path, entry_path: str) -> Path:
     path = Path(entry_path)
     if not path.is_absolute():
@@ -134,13 +123,11 @@ def from_experiment(folder: str | Path, title: str | None = None) -> Report:
     """The report of an experiment run folder, from its ``experiment.json``."""
     folder = Path(folder)
     manifest_path = folder / "experiment.json"
-    manifest = _read_json(manifest_path, "experiment file")
-    require(isinstance(manifest, dict), f"experiment file {manifest_path}: expected a JSON object")
-    entries = manifest.get("evaluations")
-    require(isinstance(entries, list) and entries,
+    state = read_state(manifest_path, "experiment file")
+    entries = state.evaluations
+    require(bool(entries),
             f"experiment file {manifest_path}: expected a non-empty 'evaluations' list of {{method, split, path}}")
-    methods = manifest.get("methods") if isinstance(manifest.get("methods"), list) else []
-    kinds = {m.get("name"): m.get("kind") for m in methods if isinstance(m, dict)}
+    kinds = {m.get("name"): m.get("kind") for m in state.methods if isinstance(m, dict)}
     evaluations = []
     for index, entry in enumerate(entries):
         where = f"experiment file {manifest_path}: evaluations[{index}]"
@@ -153,8 +140,8 @@ def from_experiment(folder: str | Path, title: str | None = None) -> Report:
         path = _metrics_path(folder, raw)
         document, digest = read_result(path)
         evaluations.append(Evaluation(method, split, path, document, digest, kind=kinds.get(method)))
-    name = manifest.get("name") or folder.name
-    return Report(title or f"TriAlign experiment: {name}", _unique(evaluations), manifest, source=str(manifest_path))
+    return Report(title or f"TriAlign experiment: {state.name or folder.name}", _unique(evaluations), state,
+                  source=str(manifest_path))
 
 
 def from_results(folders: Sequence[str | Path], title: str | None = None) -> Report:
@@ -286,7 +273,7 @@ def provenance(report: Report) -> tuple[dict[str, Any], list[tuple[str, str, str
             fingerprints[prefix] = value
 
     if report.experiment is not None:
-        flatten("", report.experiment.get("fingerprints") or {})
+        flatten("", report.experiment.fingerprints)
     configs = [e.document.config for e in report.evaluations]
     keys = list(dict.fromkeys(k for c in configs for k in c))
     shared = {k: configs[0].get(k) for k in keys if all(k in c and c[k] == configs[0][k] for c in configs)}
@@ -372,11 +359,11 @@ def _md_provenance(report: Report) -> list[str]:
     info, differing = provenance(report)
     out = ["## Configs and fingerprints", ""]
     if report.experiment is not None:
-        out += ["Experiment config:", "", "```yaml", _yaml(report.experiment.get("config") or {}), "```", ""]
+        out += ["Experiment config:", "", "```yaml", _yaml(report.experiment.config), "```", ""]
         if info["fingerprints"]:
             out += _md_table(["input", "fingerprint"], [[k, f"`{v}`"] for k, v in info["fingerprints"].items()])
             out += [""]
-        methods = [m for m in report.experiment.get("methods") or [] if isinstance(m, dict)]
+        methods = [m for m in report.experiment.methods if isinstance(m, dict)]
         if methods:
             out += _md_table(["method", "kind", "config file", "adapter"],
                              [[m.get("name", "?"), m.get("kind", "-"), m.get("config_file") or "-",
@@ -467,11 +454,11 @@ def render_html(report: Report, plots: dict[str, bytes]) -> str:
     info, differing = provenance(report)
     out.append("<h2>Configs and fingerprints</h2>")
     if report.experiment is not None:
-        out += ["<p>Experiment config:</p>", f"<pre>{_h(_yaml(report.experiment.get('config') or {}))}</pre>"]
+        out += ["<p>Experiment config:</p>", f"<pre>{_h(_yaml(report.experiment.config))}</pre>"]
         if info["fingerprints"]:
             out.append(_html_table(["input", "fingerprint"], [[k, v] for k, v in info["fingerprints"].items()],
                                    code_columns=[1]))
-        methods = [m for m in report.experiment.get("methods") or [] if isinstance(m, dict)]
+        methods = [m for m in report.experiment.methods if isinstance(m, dict)]
         if methods:
             out.append(_html_table(["method", "kind", "config file", "adapter"],
                                    [[m.get("name", "?"), m.get("kind", "-"), m.get("config_file") or "-",

@@ -1,0 +1,70 @@
+"""``experiment.json``, the state `trialign experiment` keeps in its run folder and `trialign report` reads: one
+type, one writer, one reader.
+
+    {"format": "trialign-experiment", "name": str, "config": {...the resolved ExperimentConfig...},
+     "done": {step: {"seconds": float}}, "methods": [{"name", "kind", ...}],
+     "evaluations": [{"method", "split", "path"}], "fingerprints": {...}}
+
+``done`` is what makes a rerun resume: a step listed there is skipped. The reader checks each field's type and
+names the file and field in one line; fields may be missing in files written by hand (they default to empty).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trialign.errors import TriAlignError, require
+from trialign.fileio import write_json_atomic
+
+STATE_FILE = "experiment.json"
+FORMAT = "trialign-experiment"
+
+
+@dataclass
+class ExperimentState:
+    name: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    """`ExperimentConfig.content()`: a rerun with another config is refused (or, with --overwrite, starts over)."""
+    done: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Finished steps and their seconds of work."""
+    methods: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: list[dict[str, str]] = field(default_factory=list)
+    """One entry per (method, split): the evaluate output folder, relative to the run folder."""
+    fingerprints: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+    def step_seconds(self) -> float:
+        """Seconds of work over the finished steps (what the README quotes as step time)."""
+        return sum(float(d.get("seconds", 0.0)) for d in self.done.values())
+
+    def write(self, path: str | Path) -> None:
+        write_json_atomic(Path(path), asdict(self))
+
+
+_FIELDS = {"name": str, "config": dict, "done": dict, "methods": list, "evaluations": list, "fingerprints": dict,
+           "format": str}
+_TYPE_NAMES = {str: "string", dict: "JSON object", list: "list"}
+
+
+def read_state(path: str | Path, what: str = "experiment state") -> ExperimentState:
+    """The checked state in `path` (``experiment.json``); one-line errors name the file and field."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TriAlignError(f"{what} {path}: not found") from None
+    except json.JSONDecodeError as err:
+        raise TriAlignError(f"{what} {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})")
+    except (UnicodeDecodeError, OSError) as err:
+        raise TriAlignError(f"{what} {path}: unreadable ({err})")
+    require(isinstance(document, dict), f"{what} {path}: expected a JSON object")
+    for key, kind in _FIELDS.items():
+        value = document.get(key)
+        require(value is None or isinstance(value, kind),
+                f"{what} {path}: '{key}' should be of type {_TYPE_NAMES[kind]}, got {value!r}")
+    require(document.get("format") in (None, FORMAT),
+            f"{what} {path}: format {document.get('format')!r}, expected {FORMAT!r}")
+    return ExperimentState(**{key: document[key] for key in _FIELDS if document.get(key) is not None})
