@@ -11,13 +11,12 @@ names the file and field in one line; fields may be missing in files written by 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trialign.errors import TriAlignError, require
-from trialign.fileio import write_json_atomic
+from trialign.errors import require
+from trialign.fileio import read_json_bytes, write_json_atomic
 
 STATE_FILE = "experiment.json"
 FORMAT = "trialign-experiment"
@@ -52,14 +51,7 @@ _TYPE_NAMES = {str: "string", dict: "JSON object", list: "list"}
 def read_state(path: str | Path, what: str = "experiment state") -> ExperimentState:
     """The checked state in `path` (``experiment.json``); one-line errors name the file and field."""
     path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TriAlignError(f"{what} {path}: not found") from None
-    except json.JSONDecodeError as err:
-        raise TriAlignError(f"{what} {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})")
-    except (UnicodeDecodeError, OSError) as err:
-        raise TriAlignError(f"{what} {path}: unreadable ({err})")
+    document, _ = read_json_bytes(path, what)
     require(isinstance(document, dict), f"{what} {path}: expected a JSON object")
     for key, kind in _FIELDS.items():
         value = document.get(key)

@@ -86,3 +86,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json_bytes(path: Path, what: str) -> tuple[Any, bytes]:
+    """A JSON file's document and its bytes; one-line `TriAlignError`s naming `what` and the file (not found,
+    unreadable, invalid JSON with line and column)."""
+    from trialign.errors import TriAlignError
+
+    try:
+        raw = path.read_bytes()
+        return json.loads(raw.decode("utf-8")), raw
+    except FileNotFoundError:
+        raise TriAlignError(f"{what} {path}: not found") from None
+    except json.JSONDecodeError as err:
+        raise TriAlignError(f"{what} {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})")
+    except (UnicodeDecodeError, OSError) as err:
+        raise TriAlignError(f"{what} {path}: unreadable ({err})")

@@ -12,13 +12,12 @@ in files written by hand (they default to empty), never of another type.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trialign.errors import TriAlignError, require
-from trialign.fileio import write_json_atomic
+from trialign.errors import require
+from trialign.fileio import read_json_bytes, write_json_atomic
 
 METRICS_FILE = "metrics.json"
 
@@ -60,15 +59,7 @@ _TYPE_NAMES = {str: "string", dict: "JSON object", int: "integer", list: "list",
 def read_result(path: str | Path) -> tuple[EvaluationResult, str]:
     """A checked ``metrics.json`` (or the folder holding it) and the sha256 of its bytes."""
     path = metrics_file(path)
-    try:
-        raw = path.read_bytes()
-        document = json.loads(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise TriAlignError(f"metrics file {path}: not found") from None
-    except json.JSONDecodeError as err:
-        raise TriAlignError(f"metrics file {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})")
-    except (UnicodeDecodeError, OSError) as err:
-        raise TriAlignError(f"metrics file {path}: unreadable ({err})")
+    document, raw = read_json_bytes(path, "metrics file")
     require(isinstance(document, dict), f"metrics file {path}: expected a JSON object")
     metrics = document.get("metrics")
     require(isinstance(metrics, dict) and metrics, f"metrics file {path}: expected a non-empty 'metrics' object")
