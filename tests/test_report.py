@@ -243,10 +243,10 @@ def test_evaluation_paths_may_be_run_relative_cwd_relative_files_or_left_out(tmp
                {"method": "m1", "split": "main", "path": "runs/experiment/x/eval/m1/main"},
                {"method": "m2", "split": "main", "path": str(run / "eval/m2/main/metrics.json")},
                {"method": "m3", "split": "main"}]
-    (run / "experiment.json").write_text(json.dumps({"evaluations": entries, "methods": "not a list"}))
+    (run / "experiment.json").write_text(json.dumps({"evaluations": entries}))
     report = from_experiment(run)
     assert [e.method for e in report.evaluations] == list(docs) and report.splits == ["main"]
-    assert [e.document["label"] for e in report.evaluations] == list(docs)
+    assert [e.document.label for e in report.evaluations] == list(docs)
     assert report.title == "TriAlign experiment: x"
 
 
