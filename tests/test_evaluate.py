@@ -98,7 +98,7 @@ def test_pref_aligner_rewrites_one_persona_free_draft_per_item(tmp_path, tiny_mo
     # offset=3: items 4 and 5 of the task's stable order.
     from trialign.tasks import load_task
     assert [r["item_id"] for r in neutral] == [item.id for item in load_task("truthfulqa_mc1", limit=5)[3:]]
-    assert document["label"].endswith("pref_aligner")
+    assert document.label.endswith("pref_aligner")
 
 
 def test_pref_aligner_needs_generate_mode():
