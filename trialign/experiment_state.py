@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trialign.errors import require
-from trialign.fileio import read_json_bytes, write_json_atomic
+from trialign.fileio import read_json_bytes, typed_fields, write_json_atomic
 
 STATE_FILE = "experiment.json"
 FORMAT = "trialign-experiment"
@@ -45,7 +45,6 @@ class ExperimentState:
 
 _FIELDS = {"name": str, "config": dict, "done": dict, "methods": list, "evaluations": list, "fingerprints": dict,
            "format": str}
-_TYPE_NAMES = {str: "string", dict: "JSON object", list: "list"}
 
 
 def read_state(path: str | Path, what: str = "experiment state") -> ExperimentState:
@@ -53,10 +52,7 @@ def read_state(path: str | Path, what: str = "experiment state") -> ExperimentSt
     path = Path(path)
     document, _ = read_json_bytes(path, what)
     require(isinstance(document, dict), f"{what} {path}: expected a JSON object")
-    for key, kind in _FIELDS.items():
-        value = document.get(key)
-        require(value is None or isinstance(value, kind),
-                f"{what} {path}: '{key}' should be of type {_TYPE_NAMES[kind]}, got {value!r}")
+    values = typed_fields(document, _FIELDS, f"{what} {path}")
     require(document.get("format") in (None, FORMAT),
             f"{what} {path}: format {document.get('format')!r}, expected {FORMAT!r}")
-    return ExperimentState(**{key: document[key] for key in _FIELDS if document.get(key) is not None})
+    return ExperimentState(**values)

@@ -102,3 +102,19 @@ def read_json_bytes(path: Path, what: str) -> tuple[Any, bytes]:
         raise TriAlignError(f"{what} {path}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})")
     except (UnicodeDecodeError, OSError) as err:
         raise TriAlignError(f"{what} {path}: unreadable ({err})")
+
+
+_JSON_TYPE_NAMES = {str: "string", dict: "JSON object", int: "integer", list: "list", (int, float): "number"}
+
+
+def typed_fields(document: dict[str, Any], fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """The entries of `document` named in `fields` (name -> type, or a tuple of types) that are present and not
+    null, each checked against its type (a bool is no number); a one-line `TriAlignError` starting with `where`
+    names the first field of another type."""
+    from trialign.errors import require
+
+    for key, kind in fields.items():
+        value = document.get(key)
+        require(value is None or (isinstance(value, kind) and not isinstance(value, bool)),
+                f"{where}: '{key}' should be of type {_JSON_TYPE_NAMES[kind]}, got {value!r}")
+    return {key: document[key] for key in fields if document.get(key) is not None}

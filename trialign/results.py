@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trialign.errors import require
-from trialign.fileio import read_json_bytes, write_json_atomic
+from trialign.fileio import read_json_bytes, typed_fields, write_json_atomic
 
 METRICS_FILE = "metrics.json"
 
@@ -53,7 +53,6 @@ def metrics_file(path: str | Path) -> Path:
 
 _TYPES = {"label": str, "config": dict, "task": str, "num_items": int, "groups": list, "mode": str,
           "seconds": (int, float)}
-_TYPE_NAMES = {str: "string", dict: "JSON object", int: "integer", list: "list", (int, float): "number"}
 
 
 def read_result(path: str | Path) -> tuple[EvaluationResult, str]:
@@ -66,14 +65,10 @@ def read_result(path: str | Path) -> tuple[EvaluationResult, str]:
     for name, entry in metrics.items():
         require(isinstance(entry, dict) and "value" in entry,
                 f"metrics file {path}: metric '{name}' should be an object with 'value', 'ci_low', 'ci_high'")
-    for key, kind in _TYPES.items():
-        value = document.get(key)
-        require(value is None or (isinstance(value, kind) and not isinstance(value, bool)),
-                f"metrics file {path}: '{key}' should be of type {_TYPE_NAMES[kind]}, got {value!r}")
+    values = typed_fields(document, _TYPES, f"metrics file {path}")
     reference = document.get("reference")
     require(reference is None or isinstance(reference, str),
             f"metrics file {path}: 'reference' should be a group id or null, got {reference!r}")
-    values = {key: document[key] for key in _TYPES if document.get(key) is not None}
     result = EvaluationResult(metrics=metrics, reference=reference, **values)
     result.groups = [str(g) for g in result.groups]
     return result, hashlib.sha256(raw).hexdigest()

@@ -264,22 +264,25 @@ class Policy(nn.Module):
         kwargs = {} if state_dict is None else {"state_dict": state_dict}
         self._require_built().save_pretrained(str(directory), safe_serialization=True, **kwargs)
 
-    def probe_logprobs(self, batch: dict[str, Any], group_names: Sequence[str], share_prefix: bool = True
-                       ) -> dict[str, torch.Tensor]:
+    def probe_logprobs(self, batch: dict[str, Any], group_names: Sequence[str], share_prefix: bool = True,
+                       groups: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """The answer probe of a collated batch (`trialign.datamodules.collate`) under every group's persona.
 
         With one adapter per group (`adapter_names` = the groups), each group's rows run through its own adapter.
         `share_prefix`: all options of one (item, group) run on its context's KV cache (not possible in training mode
-        with gradient checkpointing).
+        with gradient checkpointing). `groups`: probe only these group indices (the others stay absent).
 
         Returns option_logprobs [B, G, O] (summed continuation log-probabilities; 0 where absent), option_tokens
         [B, G, O], group_mask [B, G] (the (item, group) pairs probed) and gold_logprob [B, G] (per token)."""
         input_ids, attention_mask = batch["probe_input_ids"], batch["probe_attention_mask"]
         index = batch["probe_index"].long()
-        option_mask = batch["option_mask"].bool()
-        num_items, num_options = option_mask.shape
-        num_groups = len(group_names)
         continuation = batch["probe_continuation_mask"]
+        if groups is not None:
+            keep = torch.isin(index[:, 1], torch.tensor(list(groups), device=index.device))
+            input_ids, attention_mask, continuation, index = (input_ids[keep], attention_mask[keep],
+                                                              continuation[keep], index[keep])
+        num_items, num_options = batch["option_mask"].shape
+        num_groups = len(group_names)
         context_key = index[:, 0] * num_groups + index[:, 1] if share_prefix else None
         per_row = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
         tokens = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)

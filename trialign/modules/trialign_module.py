@@ -300,20 +300,13 @@ class TriAlignModule(LightningModule):
         """The reference group's option log-likelihoods [B, O] under the reference model (adapters disabled), for a
         penalty anchored to it (`penalty.needs_anchor`); None for other penalties. Items where the reference group
         was not probed hold 0 (the penalty does not count them)."""
-        if not getattr(self.penalty, "needs_anchor", False):
+        if not self.penalty.needs_anchor:
             return None
-        index = batch["probe_index"].long()
-        num_items, num_options = batch["option_mask"].shape
-        anchor = torch.zeros(num_items, num_options, dtype=torch.float32, device=index.device)
-        rows = (index[:, 1] == self.group_names.index(self.reference_group)).nonzero().squeeze(1)
-        if rows.numel():
-            key = index[rows, 0] if self.probe_share_prefix else None
-            with self.policy.reference():
-                sums, _ = self.policy.continuation_logprobs(batch["probe_input_ids"][rows],
-                                                            batch["probe_attention_mask"][rows],
-                                                            batch["probe_continuation_mask"][rows], key)
-            anchor = anchor.index_put((index[rows, 0], index[rows, 2]), sums.float())
-        return anchor
+        reference = self.group_names.index(self.reference_group)
+        with self.policy.reference():
+            probe = self.policy.probe_logprobs(batch, self.group_names, share_prefix=self.probe_share_prefix,
+                                               groups=[reference])
+        return probe["option_logprobs"][:, reference]
 
     def _penalty(self, probe: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
         """The inconsistency penalty of a probe; `anchor` only for penalties that ask for it (a custom penalty may
