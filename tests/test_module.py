@@ -534,6 +534,45 @@ def test_a_states_only_batch_trains_the_penalty_and_truth_terms(tiny_model_dir, 
     assert all(torch.equal(before[n], after[n]) for n in heads)  # no episode: the critics have nothing to learn
 
 
+def test_the_truth_term_on_the_reference_group_only(tiny_model_dir, embedded_tokenizer):
+    _, states, names = state_batches(embedded_tokenizer)
+    reference = names[0]
+    module = make_module(tiny_model_dir, names, truth_coef=1.0, truth_groups="reference", reference_group=reference)
+    perturb_adapters(module)
+    _, parts = module.compute_loss(states)
+    probe = module.probe_logprobs(states)
+    expected, _ = truth_loss(probe["option_logprobs"], states["option_mask"], states["correct_options"],
+                             probe["group_mask"], states["has_options"])
+    assert parts["truth_loss"][0].item() == pytest.approx(expected[0].item(), rel=1e-5) and expected[0] > 0
+    assert parts["truth_loss"][1:].abs().sum() == 0 and parts["present"].tolist() == [True] + [False] * (len(names) - 1)
+    assert parts["weight"].tolist() == pytest.approx([1.0] + [0.0] * (len(names) - 1))
+    assert parts["penalty"] > 0  # the penalty still compares every group
+
+
+def test_without_a_penalty_a_reference_truth_term_probes_the_reference_group_only(tiny_model_dir, embedded_tokenizer,
+                                                                                    monkeypatch):
+    _, states, names = state_batches(embedded_tokenizer)
+    module = TriAlignModule(names, MonteCarlo(), AdvantageWeighted(), NashSocialWelfare(), NoPenalty(),
+                            model=tiny_model_dir, lora=SMALL_LORA, penalty_coef=0.0, truth_coef=1.0,
+                            truth_groups="reference", reference_group=names[1])
+    module.configure_model()
+    probed = []
+    original = module.policy.probe_logprobs
+    monkeypatch.setattr(module.policy, "probe_logprobs",
+                        lambda *a, **k: probed.append(k.get("groups")) or original(*a, **k))
+    _, parts = module.compute_loss(states)
+    assert probed == [[1]] and parts["present"].tolist() == [False, True, False]
+    assert parts["truth_loss"][1] > 0 and parts["penalty"] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [({"truth_groups": "some"}, "model.truth_groups: expected one of"),
+                                             ({"truth_groups": "reference"}, "needs model.reference_group")])
+def test_truth_groups_errors_name_the_field(tiny_model_dir, kwargs, message):
+    with pytest.raises(TriAlignError, match=message):
+        TriAlignModule(["a", "b"], MonteCarlo(), AdvantageWeighted(), NashSocialWelfare(), NoPenalty(),
+                       model=tiny_model_dir, lora=SMALL_LORA, **kwargs)
+
+
 def test_a_mixed_batch_runs_episode_terms_on_episode_rows_only(tiny_model_dir, embedded_tokenizer):
     mixed, _, names = state_batches(embedded_tokenizer)
     assert mixed["has_episodes"].tolist() == [True, True, False, False]

@@ -85,6 +85,7 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 COMPONENTS = ("value", "objective", "aggregator", "penalty")
+TRUTH_GROUPS = ("all", "reference")
 
 
 class TriAlignModule(LightningModule):
@@ -107,6 +108,9 @@ class TriAlignModule(LightningModule):
         penalty_coef: λ, weight of the inconsistency penalty.
         truth_coef: weight of the truth term on the states' answer distributions (`trialign.modules.truth`),
             added to each group's loss before aggregation; 0 turns it off.
+        truth_groups: which groups' states the truth term trains: "all", or "reference" (only the reference
+            group's: the truth comes from the persona-free question, and only the penalty carries it to the
+            personas, so an ablation without the penalty cannot make the groups agree through the truth term).
         kl_coef: β_KL, weight of the KL to the reference policy.
         utility_ema: EMA factor of the group utilities across steps.
         detach_value_features: value heads read detached hidden states (the critic does not train the adapters).
@@ -133,6 +137,7 @@ class TriAlignModule(LightningModule):
         value_coef: float = 0.5,
         penalty_coef: float = 1.0,
         truth_coef: float = 0.0,
+        truth_groups: str = "all",
         kl_coef: float = 0.05,
         utility_ema: float = 0.9,
         detach_value_features: bool = True,
@@ -167,6 +172,10 @@ class TriAlignModule(LightningModule):
         if reference_group is not None and reference_group not in self.group_names:
             raise TriAlignError(f"model.reference_group: '{reference_group}' is not one of the data's groups "
                                 f"{self.group_names}")
+        if truth_groups not in TRUTH_GROUPS:
+            raise TriAlignError(f"model.truth_groups: expected one of {list(TRUTH_GROUPS)}, got {truth_groups!r}")
+        if truth_groups == "reference" and reference_group is None:
+            raise TriAlignError("model.truth_groups: 'reference' needs model.reference_group")
         for part in penalty.modules():  # a penalty anchored to the reference group needs to know where it is
             if isinstance(part, AnchoredToReference):
                 if reference_group is None:
@@ -179,6 +188,7 @@ class TriAlignModule(LightningModule):
         self.value_coef = value_coef
         self.penalty_coef = penalty_coef
         self.truth_coef = truth_coef
+        self.truth_groups = truth_groups
         self.kl_coef = kl_coef
         self.last_loss_parts: dict[str, Tensor] | None = None
         """The last training step's loss terms, detached (the divergence guard reads them)."""
@@ -289,11 +299,12 @@ class TriAlignModule(LightningModule):
             out["values"] = values.view(num_rows, num_turns)
         return out
 
-    def probe_logprobs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """The answer probe under every group's persona, as the penalty wants it (`Policy.probe_logprobs`)."""
+    def probe_logprobs(self, batch: dict[str, Any], groups: list[int] | None = None) -> dict[str, Tensor]:
+        """The answer probe under every group's persona (or only `groups`), as the penalty wants it
+        (`Policy.probe_logprobs`)."""
         share = self.probe_share_prefix and not (self.policy.gradient_checkpointing and self.training
                                                  and torch.is_grad_enabled())
-        return self.policy.probe_logprobs(batch, self.group_names, share_prefix=share)
+        return self.policy.probe_logprobs(batch, self.group_names, share_prefix=share, groups=groups)
 
     @torch.no_grad()
     def reference_anchor(self, batch: dict[str, Any]) -> Tensor | None:
@@ -302,7 +313,7 @@ class TriAlignModule(LightningModule):
         was not probed hold 0 (the penalty does not count them)."""
         if not self.penalty.needs_anchor:
             return None
-        reference = self.group_names.index(self.reference_group)
+        reference = self._reference_index()
         with self.policy.reference():
             probe = self.policy.probe_logprobs(batch, self.group_names, share_prefix=self.probe_share_prefix,
                                                groups=[reference])
@@ -317,8 +328,14 @@ class TriAlignModule(LightningModule):
 
     # --- training ------------------------------------------------------------------------------------------------
 
+    def _penalty_on(self) -> bool:
+        return self.penalty_coef > 0 and not isinstance(self.penalty, NoPenalty)
+
     def _needs_probe(self) -> bool:
-        return (self.penalty_coef > 0 and not isinstance(self.penalty, NoPenalty)) or self.truth_coef > 0
+        return self._penalty_on() or self.truth_coef > 0
+
+    def _reference_index(self) -> int:
+        return self.group_names.index(self.reference_group)
 
     def _episode_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Per-group policy and value losses [G], the groups with episodes [G], this batch's SNIS estimate of the
@@ -388,11 +405,16 @@ class TriAlignModule(LightningModule):
         truth_losses = torch.zeros(num_groups, device=device)
         penalty = truth_losses.new_zeros(())
         if self._needs_probe():
-            probe = self.probe_logprobs(batch)
-            penalty = self._penalty(probe, batch)
+            # Without a penalty, a truth term on the reference group alone needs only that group's probe.
+            reference_only = self.truth_groups == "reference" and not self._penalty_on()
+            probe = self.probe_logprobs(batch, groups=[self._reference_index()] if reference_only else None)
+            penalty = penalty if reference_only else self._penalty(probe, batch)
             state_args = (probe["option_logprobs"], batch["option_mask"], batch["correct_options"],
                           probe["group_mask"], batch["has_options"])
-            truth_losses, with_states = truth_loss(*state_args)
+            truth_mask = probe["group_mask"]
+            if self.truth_groups == "reference":
+                truth_mask = truth_mask & (torch.arange(num_groups, device=device) == self._reference_index())
+            truth_losses, with_states = truth_loss(*state_args[:3], truth_mask, state_args[4])
             estimates.append(expected_truth(*state_args))
             if self.truth_coef > 0:
                 parts["present"] = parts["present"] | with_states
