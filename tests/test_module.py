@@ -573,6 +573,53 @@ def test_truth_groups_errors_name_the_field(tiny_model_dir, kwargs, message):
                        model=tiny_model_dir, lora=SMALL_LORA, **kwargs)
 
 
+def reference_context_kl(module, batch, stride):
+    """The language anchor from full logits: every probed (item, group) context once, KL(π_ref ‖ π) at every
+    `stride`-th position but the last, from the whole model with and without its adapters."""
+    model = module.policy.model
+    ids, mask = batch["probe_input_ids"], batch["probe_attention_mask"].bool() & ~batch["probe_continuation_mask"].bool()
+    seen, values = set(), []
+    for row in range(ids.shape[0]):
+        key = tuple(batch["probe_index"][row, :2].tolist())
+        if key in seen:
+            continue
+        seen.add(key)
+        context = ids[row, mask[row]][None]
+        with torch.no_grad():
+            log_p = torch.log_softmax(model(input_ids=context).logits[0].float(), -1)
+            with module.policy.reference():
+                log_q = torch.log_softmax(model(input_ids=context).logits[0].float(), -1)
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+        values.extend(kl[:-1][::stride].tolist())
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("share_prefix, lora", [(True, "top"), (False, "top"), (True, "all")])
+def test_the_language_anchor_is_the_context_kl_to_the_reference(tiny_model_dir, embedded_tokenizer, share_prefix,
+                                                                lora):
+    _, states, names = state_batches(embedded_tokenizer)
+    settings = (LoraSettings(r=4, alpha=8, target_modules=r".*\.layers\.1\.(self_attn|mlp)\.\w+_proj")
+                if lora == "top" else SMALL_LORA)
+    module = make_module(tiny_model_dir, names, lora=settings, context_kl_coef=1.0, context_kl_stride=3,
+                         probe_share_prefix=share_prefix)
+    assert module.policy.trunk_depth == (1 if lora == "top" else 0)
+    _, parts = module.compute_loss(states)
+    assert abs(parts["context_kl"].item()) < 1e-6  # adapters start as the identity: no drift yet
+    perturb_adapters(module)
+    _, parts = module.compute_loss(states)
+    assert parts["context_kl"].item() == pytest.approx(reference_context_kl(module, states, 3), rel=1e-4)
+    module.zero_grad()
+    parts["context_kl"].backward()
+    grads = [p.grad for n, p in module.policy.model.named_parameters() if "lora_" in n and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_context_kl_stride_must_be_a_positive_integer(tiny_model_dir):
+    with pytest.raises(TriAlignError, match="model.context_kl_stride: expected an integer >= 1, got 0"):
+        TriAlignModule(["a", "b"], MonteCarlo(), AdvantageWeighted(), NashSocialWelfare(), NoPenalty(),
+                       model=tiny_model_dir, lora=SMALL_LORA, context_kl_stride=0)
+
+
 def test_a_mixed_batch_runs_episode_terms_on_episode_rows_only(tiny_model_dir, embedded_tokenizer):
     mixed, _, names = state_batches(embedded_tokenizer)
     assert mixed["has_episodes"].tolist() == [True, True, False, False]

@@ -19,7 +19,7 @@ from lightning.pytorch import Callback
 
 from trialign.errors import TriAlignError
 
-CHECKED_TERMS = ("value_loss", "policy_loss", "truth_loss", "utility", "weight", "penalty", "kl", "loss")
+CHECKED_TERMS = ("value_loss", "policy_loss", "truth_loss", "utility", "weight", "penalty", "kl", "context_kl", "loss")
 _ALL_GROUPS = ("utility", "weight")  # defined for every group; the losses only for the groups present
 
 

@@ -37,6 +37,14 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return -F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
 
 
+def _chunk_kl(hidden: torch.Tensor, reference_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+    log_p = torch.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
+    with torch.no_grad():
+        log_q = torch.log_softmax(F.linear(reference_hidden, weight, bias).float(), dim=-1)
+    return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count real tokens from 0, whichever side the padding is on."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -134,10 +142,9 @@ class Policy(nn.Module):
         """Last hidden state [N, L, H] (after the final norm) of the active adapter's policy."""
         return self.hidden_states_and_trunk(input_ids, attention_mask, keep_trunk=False)[0]
 
-    def hidden_states_and_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_trunk: bool = True
-                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Last hidden state [N, L, H] and, when `keep_trunk` and the lowest layers carry no adapter, the (detached)
-        input of the first adapted layer [N, L, H] — what the reference forward can start from (None otherwise)."""
+    def _decode(self, keep_trunk: bool, **inputs) -> tuple[Any, torch.Tensor | None]:
+        """The decoder's output on `inputs` and, when `keep_trunk` and the lowest layers carry no adapter, the
+        (detached) input of the first adapted layer — what the reference forward can start from (None otherwise)."""
         decoder = self._decoder()
         captured: dict[str, torch.Tensor] = {}
         hook = None
@@ -147,12 +154,19 @@ class Policy(nn.Module):
 
             hook = decoder.layers[self.trunk_depth].register_forward_pre_hook(keep, with_kwargs=True)
         try:
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=positions_from_mask(attention_mask), use_cache=False)
+            out = decoder(**inputs)
         finally:
             if hook is not None:
                 hook.remove()
-        return out.last_hidden_state, captured.get("trunk")
+        return out, captured.get("trunk")
+
+    def hidden_states_and_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_trunk: bool = True
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Last hidden state [N, L, H] and, when `keep_trunk` and the lowest layers carry no adapter, the (detached)
+        input of the first adapted layer [N, L, H] — what the reference forward can start from (None otherwise)."""
+        out, trunk = self._decode(keep_trunk, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=positions_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state, trunk
 
     def reference_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                 trunk: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,10 +205,32 @@ class Policy(nn.Module):
             return hidden.new_zeros(0, dtype=torch.float32)
         return torch.cat(pieces)
 
+    def next_token_kl(self, hidden: torch.Tensor, reference_hidden: torch.Tensor) -> torch.Tensor:
+        """KL(π_ref ‖ π) of the next-token distributions over the full vocabulary at M positions: hidden [M, H] of
+        the policy, reference_hidden [M, H] of the reference (detached) → [M] (float32), in chunks of
+        `logprob_chunk` positions recomputed in the backward pass."""
+        head = self._require_built().get_base_model().get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+        pieces = []
+        for start in range(0, hidden.shape[0], self.logprob_chunk):
+            h = hidden[start:start + self.logprob_chunk]
+            r = reference_hidden[start:start + self.logprob_chunk].detach()
+            if torch.is_grad_enabled() and h.requires_grad:
+                pieces.append(checkpoint(_chunk_kl, h, r, weight, bias, use_reentrant=False))
+            else:
+                pieces.append(_chunk_kl(h, r, weight, bias))
+        if not pieces:
+            return hidden.new_zeros(0, dtype=torch.float32)
+        return torch.cat(pieces)
+
     def continuation_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              continuation_mask: torch.Tensor, context_key: torch.Tensor | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-probabilities [R] (float32) and counts [R] of each row's continuation tokens.
+                              continuation_mask: torch.Tensor, context_key: torch.Tensor | None = None,
+                              keep_contexts: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Summed log-probabilities [R] (float32) and counts [R] of each row's continuation tokens, and with
+        `keep_contexts` the contexts the rows were read from (else None): their last hidden states "hidden" [C, W, H]
+        (with gradient), "trunk" (`hidden_states_and_trunk`; None without one), "input_ids" and "attention_mask"
+        [C, W] (1 on context tokens only). One context per key; without `context_key`, each row's own.
 
         Rows are right-padded ``context + continuation`` sequences (`continuation_mask` marks the continuation,
         non-empty in every row). Without `context_key` every row runs in full. With it, rows of equal key must share
@@ -204,20 +240,26 @@ class Policy(nn.Module):
         """
         continuation = continuation_mask.bool()
         num_rows = input_ids.shape[0]
+        context = None
         if context_key is None:
-            hidden = self.hidden_states(input_ids, attention_mask)
+            hidden, trunk = self.hidden_states_and_trunk(input_ids, attention_mask, keep_trunk=keep_contexts)
             rows, positions = continuation[:, 1:].nonzero(as_tuple=True)
             logprobs = self.token_logprobs(hidden[rows, positions], input_ids[rows, positions + 1])
+            if keep_contexts:
+                context = {"hidden": hidden, "trunk": trunk, "input_ids": input_ids,
+                           "attention_mask": (attention_mask.bool() & ~continuation).long()}
         else:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 raise RuntimeError("continuation_logprobs: a shared context needs the KV cache, which gradient "
                                    "checkpointing disables in training mode")
-            rows, logprobs = self._shared_context_logprobs(input_ids, continuation, context_key)
+            rows, logprobs, context = self._shared_context_logprobs(input_ids, continuation, context_key,
+                                                                    keep_contexts)
         sums = torch.zeros(num_rows, dtype=torch.float32, device=input_ids.device).index_add(0, rows, logprobs)
-        return sums, torch.bincount(rows, minlength=num_rows)
+        return sums, torch.bincount(rows, minlength=num_rows), context
 
-    def _shared_context_logprobs(self, input_ids: torch.Tensor, continuation: torch.Tensor, context_key: torch.Tensor
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shared_context_logprobs(self, input_ids: torch.Tensor, continuation: torch.Tensor, context_key: torch.Tensor,
+                                 keep_contexts: bool = False
+                                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
         from transformers import DynamicCache
 
         model = self._require_built()
@@ -233,8 +275,13 @@ class Policy(nn.Module):
         width = int(context_length.max())
         steps = torch.arange(width, device=device)
         context_mask = (steps[None, :] < context_length[:, None]).long()
-        out = decoder(input_ids=input_ids[representative, :width], attention_mask=context_mask,
-                      position_ids=positions_from_mask(context_mask), use_cache=True)
+        context_ids = input_ids[representative, :width]
+        out, trunk = self._decode(keep_contexts, input_ids=context_ids, attention_mask=context_mask,
+                                  position_ids=positions_from_mask(context_mask), use_cache=True)
+        context = None
+        if keep_contexts:
+            context = {"hidden": out.last_hidden_state, "trunk": trunk, "input_ids": context_ids,
+                       "attention_mask": context_mask}
         last = out.last_hidden_state[torch.arange(num_contexts, device=device), context_length - 1]
         option_width = int(lengths.max())
         offsets = torch.arange(option_width, device=device)
@@ -255,7 +302,7 @@ class Policy(nn.Module):
             predictors.append(tail.last_hidden_state)
         predicted_by = torch.cat(predictors, dim=1)
         rows, steps_in = option_mask.nonzero(as_tuple=True)
-        return rows, self.token_logprobs(predicted_by[rows, steps_in], option_ids[rows, steps_in])
+        return rows, self.token_logprobs(predicted_by[rows, steps_in], option_ids[rows, steps_in]), context
 
     def save_adapters(self, directory, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the adapters with `save_pretrained` (safetensors): the shared adapter at the top of `directory`,
@@ -265,7 +312,7 @@ class Policy(nn.Module):
         self._require_built().save_pretrained(str(directory), safe_serialization=True, **kwargs)
 
     def probe_logprobs(self, batch: dict[str, Any], group_names: Sequence[str], share_prefix: bool = True,
-                       groups: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+                       groups: Sequence[int] | None = None, keep_contexts: bool = False) -> dict[str, Any]:
         """The answer probe of a collated batch (`trialign.datamodules.collate`) under every group's persona.
 
         With one adapter per group (`adapter_names` = the groups), each group's rows run through its own adapter.
@@ -273,7 +320,8 @@ class Policy(nn.Module):
         with gradient checkpointing). `groups`: probe only these group indices (the others stay absent).
 
         Returns option_logprobs [B, G, O] (summed continuation log-probabilities; 0 where absent), option_tokens
-        [B, G, O], group_mask [B, G] (the (item, group) pairs probed) and gold_logprob [B, G] (per token)."""
+        [B, G, O], group_mask [B, G] (the (item, group) pairs probed) and gold_logprob [B, G] (per token); with
+        `keep_contexts` also "contexts", one `continuation_logprobs` context per adapter run."""
         input_ids, attention_mask = batch["probe_input_ids"], batch["probe_attention_mask"]
         index = batch["probe_index"].long()
         continuation = batch["probe_continuation_mask"]
@@ -288,14 +336,17 @@ class Policy(nn.Module):
         tokens = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         per_group = self.adapter_names != [SHARED_ADAPTER]  # one adapter per group, named by the group ids
         adapters = torch.unique(index[:, 1]).tolist() if per_group else [None]
+        contexts = []
         for group in adapters:
             rows = (torch.arange(input_ids.shape[0], device=input_ids.device) if group is None
                     else (index[:, 1] == group).nonzero().squeeze(1))
             if group is not None:
                 self.use_adapter(group_names[group])
-            sums, counts = self.continuation_logprobs(
+            sums, counts, context = self.continuation_logprobs(
                 input_ids[rows], attention_mask[rows], continuation[rows],
-                None if context_key is None else context_key[rows])
+                None if context_key is None else context_key[rows], keep_contexts=keep_contexts)
+            if context is not None:
+                contexts.append(context)
             per_row = per_row.index_copy(0, rows, sums)
             tokens = tokens.index_copy(0, rows, counts)
         where = (index[:, 0], index[:, 1], index[:, 2])
@@ -307,5 +358,8 @@ class Policy(nn.Module):
         take = gold[:, None, None].expand(num_items, num_groups, 1)
         gold_sum = option_logprobs.gather(2, take).squeeze(2)
         gold_tokens = option_tokens.gather(2, take).squeeze(2).clamp(min=1)
-        return {"option_logprobs": option_logprobs, "option_tokens": option_tokens, "group_mask": group_mask,
-                "gold_logprob": gold_sum / gold_tokens.to(gold_sum.dtype)}
+        out = {"option_logprobs": option_logprobs, "option_tokens": option_tokens, "group_mask": group_mask,
+               "gold_logprob": gold_sum / gold_tokens.to(gold_sum.dtype)}
+        if keep_contexts:
+            out["contexts"] = contexts
+        return out

@@ -73,7 +73,7 @@ from trialign.metrics import audit_metrics, check_group_names, flatten_results
 from trialign.modules.aggregators import Aggregator
 from trialign.modules.export import write_adapter_folder
 from trialign.modules.heads import GroupValueHeads
-from trialign.modules.kl import reference_kl
+from trialign.modules.kl import context_kl, reference_kl
 from trialign.modules.objectives import PolicyObjective
 from trialign.modules.penalties import AnchoredToReference, InconsistencyPenalty, NoPenalty
 from trialign.modules.policy import SHARED_ADAPTER, Policy
@@ -108,10 +108,11 @@ class TriAlignModule(LightningModule):
         penalty_coef: λ, weight of the inconsistency penalty.
         truth_coef: weight of the truth term on the states' answer distributions (`trialign.modules.truth`),
             added to each group's loss before aggregation; 0 turns it off.
-        truth_groups: which groups' states the truth term trains: "all", or "reference" (only the reference
-            group's: the truth comes from the persona-free question, and only the penalty carries it to the
-            personas, so an ablation without the penalty cannot make the groups agree through the truth term).
+        truth_groups: whose states the truth term trains: "all", or "reference" (the reference group's only; the
+            penalty alone carries the truth to the personas, DESIGN.md "Cross-group states").
         kl_coef: β_KL, weight of the KL to the reference policy.
+        context_kl_coef: weight of the language anchor (`trialign.modules.kl.context_kl`) on the probe's contexts.
+        context_kl_stride: the anchor reads every `context_kl_stride`-th context position (1: all of them).
         utility_ema: EMA factor of the group utilities across steps.
         detach_value_features: value heads read detached hidden states (the critic does not train the adapters).
         optimizer: a callable `params -> Optimizer` (LightningCLI: class_path/init_args of a torch optimizer);
@@ -139,6 +140,8 @@ class TriAlignModule(LightningModule):
         truth_coef: float = 0.0,
         truth_groups: str = "all",
         kl_coef: float = 0.05,
+        context_kl_coef: float = 0.0,
+        context_kl_stride: int = 4,
         utility_ema: float = 0.9,
         detach_value_features: bool = True,
         optimizer: OptimizerFactory | None = None,
@@ -166,12 +169,14 @@ class TriAlignModule(LightningModule):
             if not isinstance(component, base):
                 raise TriAlignError(f"model.{name}: expected a {base.__name__}, got {type(component).__name__}")
         for name, coef in (("value_coef", value_coef), ("penalty_coef", penalty_coef), ("truth_coef", truth_coef),
-                           ("kl_coef", kl_coef)):
+                           ("kl_coef", kl_coef), ("context_kl_coef", context_kl_coef)):
             if not (math.isfinite(coef) and coef >= 0):
                 raise TriAlignError(f"model.{name}: expected a finite value >= 0, got {coef}")
         if reference_group is not None and reference_group not in self.group_names:
             raise TriAlignError(f"model.reference_group: '{reference_group}' is not one of the data's groups "
                                 f"{self.group_names}")
+        if isinstance(context_kl_stride, bool) or not isinstance(context_kl_stride, int) or context_kl_stride < 1:
+            raise TriAlignError(f"model.context_kl_stride: expected an integer >= 1, got {context_kl_stride!r}")
         if truth_groups not in TRUTH_GROUPS:
             raise TriAlignError(f"model.truth_groups: expected one of {list(TRUTH_GROUPS)}, got {truth_groups!r}")
         if truth_groups == "reference" and reference_group is None:
@@ -190,6 +195,8 @@ class TriAlignModule(LightningModule):
         self.truth_coef = truth_coef
         self.truth_groups = truth_groups
         self.kl_coef = kl_coef
+        self.context_kl_coef = context_kl_coef
+        self.context_kl_stride = context_kl_stride
         self.last_loss_parts: dict[str, Tensor] | None = None
         """The last training step's loss terms, detached (the divergence guard reads them)."""
         self.detach_value_features = detach_value_features
@@ -299,12 +306,18 @@ class TriAlignModule(LightningModule):
             out["values"] = values.view(num_rows, num_turns)
         return out
 
-    def probe_logprobs(self, batch: dict[str, Any], groups: list[int] | None = None) -> dict[str, Tensor]:
+    def probe_logprobs(self, batch: dict[str, Any], groups: list[int] | None = None, keep_contexts: bool = False
+                       ) -> dict[str, Any]:
         """The answer probe under every group's persona (or only `groups`), as the penalty wants it
         (`Policy.probe_logprobs`)."""
         share = self.probe_share_prefix and not (self.policy.gradient_checkpointing and self.training
                                                  and torch.is_grad_enabled())
-        return self.policy.probe_logprobs(batch, self.group_names, share_prefix=share, groups=groups)
+        return self.policy.probe_logprobs(batch, self.group_names, share_prefix=share, groups=groups,
+                                          keep_contexts=keep_contexts)
+
+    def context_kl(self, contexts: list[dict[str, Tensor]]) -> Tensor:
+        """The language anchor on the probe's contexts (`trialign.modules.kl.context_kl`)."""
+        return context_kl(self.policy, contexts, self.context_kl_stride)
 
     @torch.no_grad()
     def reference_anchor(self, batch: dict[str, Any]) -> Tensor | None:
@@ -404,10 +417,14 @@ class TriAlignModule(LightningModule):
                      "present": torch.zeros(num_groups, dtype=torch.bool, device=device)}
         truth_losses = torch.zeros(num_groups, device=device)
         penalty = truth_losses.new_zeros(())
+        context_kl = truth_losses.new_zeros(())
         if self._needs_probe():
             # Without a penalty, a truth term on the reference group alone needs only that group's probe.
             reference_only = self.truth_groups == "reference" and not self._penalty_on()
-            probe = self.probe_logprobs(batch, groups=[self._reference_index()] if reference_only else None)
+            probe = self.probe_logprobs(batch, groups=[self._reference_index()] if reference_only else None,
+                                        keep_contexts=self.context_kl_coef > 0)
+            if self.context_kl_coef > 0:
+                context_kl = self.context_kl(probe["contexts"])
             penalty = penalty if reference_only else self._penalty(probe, batch)
             state_args = (probe["option_logprobs"], batch["option_mask"], batch["correct_options"],
                           probe["group_mask"], batch["has_options"])
@@ -431,10 +448,12 @@ class TriAlignModule(LightningModule):
         else:  # nothing per group to weigh (a batch of states without a truth term)
             weights = torch.zeros_like(parts["utility"])
         aggregated = (weights.to(group_losses.dtype) * group_losses).sum()
-        total = aggregated + self.penalty_coef * penalty + self.kl_coef * parts["kl"]
+        total = (aggregated + self.penalty_coef * penalty + self.kl_coef * parts["kl"]
+                 + self.context_kl_coef * context_kl)
         if not total.requires_grad:  # no term reached the weights: a zero loss that still has a gradient
             total = total + sum(p.sum() * 0 for p in self.trainable_parameters())
-        parts.update(truth_loss=truth_losses, group_loss=group_losses, weight=weights, penalty=penalty, loss=total)
+        parts.update(truth_loss=truth_losses, group_loss=group_losses, weight=weights, penalty=penalty,
+                     context_kl=context_kl, loss=total)
         return total, parts
 
     def configure_callbacks(self):
@@ -448,7 +467,7 @@ class TriAlignModule(LightningModule):
         self.last_loss_parts = {k: v.detach() for k, v in parts.items()}  # what the divergence guard checks
         batch_size = int(batch["option_mask"].shape[0])
         logged: dict[str, Tensor] = {"train/loss": total.detach(), "train/penalty": parts["penalty"].detach(),
-                                     "train/kl": parts["kl"].detach()}
+                                     "train/kl": parts["kl"].detach(), "train/context_kl": parts["context_kl"].detach()}
         for index, group in enumerate(self.group_names):
             logged[f"train/utility/{group}"] = parts["utility"][index]
             logged[f"train/weight/{group}"] = parts["weight"][index]
