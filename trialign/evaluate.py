@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from trialign.prompts import DEFAULT_PROBE_TEMPLATE, probe_template
 from trialign.fileio import write_jsonl_atomic
 from trialign.metric_names import SUMMARY_METRICS
 from trialign.results import EvaluationResult
+
+if TYPE_CHECKING:
+    from trialign.trunk_cache import TrunkCache
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +172,8 @@ class AuditRecords:
     rows: list[dict] = field(default_factory=list)
 
 
-def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress: bool = True) -> AuditRecords:
+def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress: bool = True,
+              trunk_cache: "TrunkCache | None" = None) -> AuditRecords:
     """Ask every item under every group's persona and read the answers with the probe."""
     from trialign.comparison import records_from_rows
     from trialign.generation import generate_texts
@@ -209,7 +213,8 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
         responses = list(generate(messages))
     contexts = [render_context(tokenizer, m, response=r, answer_prefix=template.answer_prefix)
                 for m, r in zip(messages, responses)]
-    probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size, autocast=config.probe_autocast)
+    probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size, autocast=config.probe_autocast,
+                        trunk_cache=trunk_cache)
     g = len(groups)
     # Probe group by group: contexts of one group share their persona prefix, which the probe runs once per batch.
     order = sorted(range(len(pairs)), key=lambda k: (k % g, k // g))
@@ -307,7 +312,8 @@ def log_tensorboard(out: Path, metrics: dict[str, dict[str, float]], label: str)
         writer.add_text("audit/method", label, global_step=0)
 
 
-def evaluate(config: EvaluateConfig, progress: bool = True) -> EvaluationResult:
+def evaluate(config: EvaluateConfig, progress: bool = True, trunk_cache: "TrunkCache | None" = None
+             ) -> EvaluationResult:
     """Run the audit described by `config`; returns what it writes to ``metrics.json``."""
     from trialign.groups import load_groups, select_groups
     from trialign.tasks import load_task
@@ -330,7 +336,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> EvaluationResult:
 
         model = load_adapter(model, config.adapter)
     log.info("audit: %d items x %d groups, mode=%s, model=%s", len(items), len(groups), config.mode, config.model)
-    records = run_audit(config, model, tokenizer, items, groups, progress=progress)
+    records = run_audit(config, model, tokenizer, items, groups, progress=progress, trunk_cache=trunk_cache)
     elapsed = time.perf_counter() - started
     metrics = summarize(records, config.bootstrap, config.seed)
     add_group_means(metrics, records, config.bootstrap, config.seed)

@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -101,6 +102,10 @@ class ExperimentConfig:
     probe_autocast: bool = False
     """Run every evaluation's answer probe under bf16 autocast (`trialign evaluate --probe-autocast`); the same for
     every method, so paired differences compare like with like."""
+    trunk_cache_gib: float = 4.0
+    """Memory for the trunk cache shared by the evaluations (`trialign.trunk_cache`: the layers below the adapters
+    run once for all methods on the same contexts; results equal the full forward's up to rounding); 0 turns it
+    off."""
     bootstrap: int = 1000
     """Bootstrap resamples for the 95% CIs."""
     seed: int = 0
@@ -125,6 +130,9 @@ class ExperimentConfig:
         require(self.personalization_limit >= 0,
                 f"personalization_limit: expected >= 0, got {self.personalization_limit}")
         require(bool(self.output), "output: expected a folder path")
+        require(isinstance(self.trunk_cache_gib, (int, float)) and not isinstance(self.trunk_cache_gib, bool)
+                and math.isfinite(self.trunk_cache_gib) and self.trunk_cache_gib >= 0,
+                f"trunk_cache_gib: expected a number >= 0, got {self.trunk_cache_gib!r}")
 
     def content(self) -> dict[str, Any]:
         """The settings that decide the results (all but `overwrite`)."""
@@ -165,6 +173,11 @@ class Experiment:
         self.config = config
         self.out = Path(config.output)
         self.python = python
+        self.trunk_cache = None
+        if config.trunk_cache_gib > 0:
+            from trialign.trunk_cache import TrunkCache
+
+            self.trunk_cache = TrunkCache(max_bytes=int(config.trunk_cache_gib * (1 << 30)))
         self.rollout_values = read_yaml_mapping(config.rollout_config)
         self.rollout_values.update(config.rollout_set)
         self.task = self.rollout_values.get("task", "truthfulqa_mc1")
@@ -325,7 +338,7 @@ class Experiment:
             output=str(self.out / "eval" / method["name"] / split),
             overwrite=True, label=method["name"], batch_size=self.config.batch_size, bootstrap=self.config.bootstrap,
             probe_autocast=self.config.probe_autocast, seed=self.config.seed, **values)
-        evaluate(config, progress=sys.stderr.isatty())
+        evaluate(config, progress=sys.stderr.isatty(), trunk_cache=self.trunk_cache)
 
     def run_report(self) -> None:
         from trialign.report import from_experiment, write_report

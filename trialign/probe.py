@@ -36,6 +36,8 @@ from transformers import DynamicCache
 from trialign.errors import TriAlignError
 from trialign.tasks.item import Item
 from trialign.tokens import padding_id, stop_token_ids
+from trialign.trunk_cache import (TrunkCache, decoder_of, inputs_digest, lowest_adapted_layer, top_layers_only,
+                                  trunk_fingerprint)
 
 TARGET_DELIMITER = " "
 """Put between the context and an option (lm-eval's ``target_delimiter``)."""
@@ -193,12 +195,15 @@ class AnswerProbe:
         share_prefix: bool = True,
         autocast: bool = False,
         progress: bool = False,
+        trunk_cache: "TrunkCache | None" = None,
     ):
         """`batch_size` bounds the sequences in one forward pass (contexts, or (context, option) rows).
         `normalization` picks the answer: ``"none"`` (lm-eval ``acc``) or ``"chars"`` (``acc_norm``).
         `max_new_tokens` bounds a short answer. `share_prefix` reuses each context's KV cache for its options (see
         the module docstring). `autocast` runs the forwards under bfloat16 autocast (faster on accelerators; results
-        then drift from the float32 ones by more than rounding). `progress` shows a progress bar per call."""
+        then drift from the float32 ones by more than rounding). `progress` shows a progress bar per call.
+        `trunk_cache` (`trialign.trunk_cache`): option scoring records the frozen trunk's output there, or replays a
+        recorded one through the adapted layers only (with `share_prefix`)."""
         if normalization not in ("none", "chars"):
             raise TriAlignError(f"probe normalization: expected 'none' or 'chars', got {normalization!r}")
         if batch_size < 1:
@@ -215,6 +220,10 @@ class AnswerProbe:
         self.progress = progress
         self.pad_id = padding_id(tokenizer)
         self._stop_token_ids: torch.Tensor | None = None
+        self.trunk_cache = trunk_cache
+        self._fingerprints: dict[int, str] = {}
+        self._replay: Iterator[torch.Tensor] | None = None
+        self._cache_config = None
 
     @property
     def device(self) -> torch.device:
@@ -222,7 +231,52 @@ class AnswerProbe:
 
     def _forward(self, **inputs):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if self._replay is not None:  # the trunk's recorded output, through the top layers only
+                inputs.pop("input_ids")
+                return self.model(inputs_embeds=next(self._replay), **inputs)
             return self.model(**inputs)
+
+    def _fingerprint(self, depth: int) -> str:
+        if depth not in self._fingerprints:
+            self._fingerprints[depth] = trunk_fingerprint(self.model, depth)
+        return self._fingerprints[depth]
+
+    def _score_with_trunk_cache(self, context_ids, continuation_ids, logliks) -> None:
+        """`_score_shared`, replaying a recorded trunk where the cache holds one for these inputs and this model's
+        trunk (the deepest usable), else recording this model's (at its lowest adapted layer; a model without
+        adapters records nothing)."""
+        cache = self.trunk_cache
+        digest = inputs_digest(context_ids, continuation_ids, self.batch_size, self.autocast)
+        own = lowest_adapted_layer(self.model)
+        limit = len(decoder_of(self.model).layers) if own is None else own
+        for depth, fingerprint in reversed(cache.depths(self._fingerprint)):
+            recorded = cache.get((fingerprint, depth, digest)) if 0 < depth <= limit else None
+            if recorded is None:
+                continue
+            self._replay = iter(recorded)
+            try:
+                with top_layers_only(self.model, depth) as top:
+                    self._cache_config = top.cache_config
+                    self._score_shared(context_ids, continuation_ids, logliks)
+                if next(self._replay, None) is not None:
+                    raise RuntimeError("trunk cache: the probe ran fewer forward passes than it recorded")
+            finally:
+                self._replay, self._cache_config = None, None
+            return
+        if own is None or own == 0:
+            self._score_shared(context_ids, continuation_ids, logliks)
+            return
+        recorded: list[torch.Tensor] = []
+
+        def keep(module, args, kwargs):
+            recorded.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        hook = decoder_of(self.model).layers[own].register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            self._score_shared(context_ids, continuation_ids, logliks)
+        finally:
+            hook.remove()
+        cache.put((self._fingerprint(own), own, digest), recorded)
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         if not texts:
@@ -263,7 +317,9 @@ class AnswerProbe:
         context_ids, continuation_ids = self._encode_pairs(contexts, options)
         logliks = [[0.0] * len(rows) for rows in continuation_ids]
         with torch.inference_mode(), _eval_mode(self.model):
-            if self.share_prefix:
+            if self.share_prefix and self.trunk_cache is not None:
+                self._score_with_trunk_cache(context_ids, continuation_ids, logliks)
+            elif self.share_prefix:
                 self._score_shared(context_ids, continuation_ids, logliks)
             else:
                 self._score_full(context_ids, continuation_ids, logliks)
@@ -324,7 +380,7 @@ class AnswerProbe:
         if len(contexts) == 1 or prefix < _MIN_SHARED_PREFIX:
             prefix = 0
         rest_ids, rest_mask = _left_pad([ids[prefix:] for ids in contexts], self.pad_id, self.device)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self._cache_config or self.model.config)
         if prefix:
             shared = torch.tensor([contexts[0][:prefix]], device=self.device)
             self._forward(input_ids=shared, cache=cache, use_cache=True, logits_to_keep=1)

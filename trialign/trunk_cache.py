@@ -1,0 +1,135 @@
+"""Reuse of the frozen trunk across the answer probes of one process (an experiment's evaluations).
+
+A trained adapter of `configs/trialign.yaml` sits on the top 8 of the model's 30 layers: below its lowest adapted
+layer ("the trunk") every method — base, TriAlign, its ablation, each trained baseline — computes exactly what the
+base model computes. An experiment probes every method on the same contexts and options (its main split, held-out
+personas, the transfer task), so the trunk's output on them is the same for all of them. `TrunkCache` keeps it: the
+first method's probe records, for each of its forward passes, the input of the lowest adapted layer; the next
+method's probe on the same inputs replays the recorded hidden states through its own top layers only (`AnswerProbe`
+with `trunk_cache=`). With the top 8 of 30 layers adapted, a replayed probe runs about a quarter of the layers.
+
+Keys, so that a changed model or input never hits a stale entry: sha256 of the trunk's weights (embedding and every
+layer below the depth, bytes and dtypes) and of the model config, the depth, the probe's batch size and autocast
+setting, and the token ids of every context and option of the call. A model without adapters (the base model) has no
+depth of its own; it replays any entry whose depth its own weights match. The cache is in memory, bounded by
+`max_bytes` (least recently used entries go first); an entry larger than the bound is not kept.
+
+Equivalence: a replayed probe runs the same layers on the same hidden states as the full forward, so its
+log-likelihoods equal the full path's up to the kernels' rounding (tests compare with a tolerance, never `==`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MAX_BYTES = 4 << 30
+
+
+def decoder_of(model) -> nn.Module:
+    """The decoder (embedding, layers, final norm) of a causal LM, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def lowest_adapted_layer(model) -> int | None:
+    """Index of the lowest decoder layer holding LoRA weights; None for a model without adapters."""
+    for index, layer in enumerate(decoder_of(model).layers):
+        if any("lora_" in name for name, _ in layer.named_parameters()):
+            return index
+    return None
+
+
+def trunk_fingerprint(model, depth: int) -> str:
+    """sha256 of what the layers below `depth` compute from: the config, the embedding and those layers' weights."""
+    decoder = decoder_of(model)
+    digest = hashlib.sha256(f"depth={depth};".encode())
+    digest.update(decoder.config.to_json_string(use_diff=False).encode())
+    modules = [("embed_tokens", decoder.embed_tokens)] + [(f"layers.{i}", decoder.layers[i]) for i in range(depth)]
+    for prefix, module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{prefix}.{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def inputs_digest(*parts: Any) -> str:
+    """sha256 of nested lists of token ids and settings (their repr: ints and strings only)."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+class TrunkCache:
+    """Recorded trunk outputs, by key (see the module docstring), in memory, least recently used first out."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+        self._sizes: dict[tuple, int] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def depths(self, fingerprint_of) -> list[tuple[int, str]]:
+        """(depth, fingerprint) pairs of the entries' depths, with `fingerprint_of(depth)` the caller's trunk."""
+        return [(depth, fingerprint_of(depth)) for depth in sorted({key[1] for key in self._entries})]
+
+    def get(self, key: tuple) -> list[torch.Tensor] | None:
+        found = self._entries.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return found
+
+    def put(self, key: tuple, tensors: list[torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if size > self.max_bytes:
+            return
+        self._entries.pop(key, None)
+        self._sizes.pop(key, None)
+        while self._entries and self.nbytes + size > self.max_bytes:
+            oldest, _ = self._entries.popitem(last=False)
+            del self._sizes[oldest]
+        self._entries[key] = tensors
+        self._sizes[key] = size
+
+
+class top_layers_only:
+    """Context manager: the decoder holds only its layers from `depth` up, numbered from 0 for the KV cache (so a
+    `DynamicCache` of `cache_config` — the config with that many layers — serves them), and the model's forward takes
+    `inputs_embeds` = the trunk's output. Everything is put back on exit."""
+
+    def __init__(self, model, depth: int):
+        self.decoder = decoder_of(model)
+        self.depth = depth
+        self.cache_config = None
+
+    def __enter__(self):
+        import copy
+
+        self.layers = self.decoder.layers
+        top = list(self.layers)[self.depth:]
+        self.numbers = [layer.self_attn.layer_idx for layer in top]
+        for number, layer in enumerate(top):
+            layer.self_attn.layer_idx = number
+        self.decoder.layers = nn.ModuleList(top)
+        self.cache_config = copy.copy(self.decoder.config)
+        self.cache_config.num_hidden_layers = len(top)
+        if getattr(self.cache_config, "layer_types", None):
+            self.cache_config.layer_types = list(self.cache_config.layer_types)[self.depth:]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, number in zip(self.decoder.layers, self.numbers):
+            layer.self_attn.layer_idx = number
+        self.decoder.layers = self.layers
