@@ -577,7 +577,8 @@ def reference_context_kl(module, batch, stride):
     """The language anchor from full logits: every probed (item, group) context once, KL(π_ref ‖ π) at every
     `stride`-th position but the last, from the whole model with and without its adapters."""
     model = module.policy.model
-    ids, mask = batch["probe_input_ids"], batch["probe_attention_mask"].bool() & ~batch["probe_continuation_mask"].bool()
+    ids = batch["probe_input_ids"]
+    mask = batch["probe_attention_mask"].bool() & ~batch["probe_continuation_mask"].bool()
     seen, values = set(), []
     for row in range(ids.shape[0]):
         key = tuple(batch["probe_index"][row, :2].tolist())
