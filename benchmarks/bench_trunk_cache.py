@@ -64,7 +64,8 @@ def main() -> None:
         print(f"  {name:20s} {value:7.1f} s")
     for replayed, full in (("base, replayed", "base, full"), ("adapter, recording", "adapter, full")):
         a, b = runs[replayed], runs[full]
-        gap = max(abs(x - y) for p, q in zip(a.rows, b.rows) for x, y in zip(p["option_logprobs"], q["option_logprobs"]))
+        gap = max(abs(x - y) for p, q in zip(a.rows, b.rows)
+                  for x, y in zip(p["option_logprobs"], q["option_logprobs"]))
         print(f"  {replayed} vs {full}: decisions agree {(a.answers == b.answers).mean():.4f}, largest option "
               f"log-likelihood difference {gap:.4f} nats")
     print(f"  replay speed-up over the full forward: {seconds['base, full'] / seconds['base, replayed']:.2f}x")
