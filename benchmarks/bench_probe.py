@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: E402
 from trialign.groups import load_groups  # noqa: E402
-from trialign.probe import TARGET_DELIMITER, AnswerProbe, render_context  # noqa: E402
+from trialign.probe import AnswerProbe, render_context  # noqa: E402
+from trialign.tokens import TARGET_DELIMITER  # noqa: E402
 from trialign.prompts import build_messages  # noqa: E402
 from trialign.tasks import load_task  # noqa: E402
 

@@ -35,3 +35,37 @@ def test_one_rule_for_stops_in_the_sampler_the_probe_and_generation(embedded_tok
     probe_stops = set(AnswerProbe(tiny_model, embedded_tokenizer)._stop_ids().tolist())
     assert set(expected) <= probe_stops  # plus every token holding a newline
     assert "stop_token_ids(tokenizer, model)" in inspect.getsource(generation.generate_texts)
+
+
+def test_encode_continuations_is_lm_evals_encode_pair(embedded_tokenizer):
+    """Trailing context whitespace joins the continuation " " + option; its tokens are those of the whole string after
+    the right-stripped context's own, computed here by hand."""
+    from trialign.tokens import TARGET_DELIMITER, encode_continuations
+
+    contexts = ["Question: Is water wet?\nAnswer:", "Pick one: \n"]
+    options = [["Yes", "No, not really"], ["red"]]
+    context_ids, continuations = encode_continuations(embedded_tokenizer, contexts, options)
+    encode = lambda text: embedded_tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    for context, ids, opts, rows in zip(contexts, context_ids, options, continuations):
+        assert ids == encode(context.rstrip())
+        for option, row in zip(opts, rows):
+            whole = encode(context + TARGET_DELIMITER + option)
+            assert row == whole[len(ids):] and row
+    assert "\n" in embedded_tokenizer.decode(continuations[1][0])  # the stripped "\n" moved into the continuation
+
+
+def test_token_logprobs_equal_a_float64_log_softmax():
+    import numpy as np
+    import torch
+
+    from trialign.tokens import token_logprobs
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 50, generator=generator) * 4
+    targets = torch.randint(0, 50, (3, 5), generator=generator)
+    x = logits.double().numpy()
+    reference = np.take_along_axis(x, targets.numpy()[..., None], -1)[..., 0] - np.log(np.exp(x).sum(-1))
+    np.testing.assert_allclose(token_logprobs(logits, targets).numpy(), reference, atol=1e-5, rtol=0)
+    assert token_logprobs(logits.double(), targets).dtype == torch.float64  # float64 stays float64
+    half = token_logprobs(logits.bfloat16(), targets)
+    assert half.dtype == torch.float32  # half precision is upcast before the log-softmax

@@ -35,12 +35,9 @@ from transformers import DynamicCache
 
 from trialign.errors import TriAlignError
 from trialign.tasks.item import Item
-from trialign.tokens import padding_id, stop_token_ids
+from trialign.tokens import encode_continuations, padding_id, stop_token_ids, token_logprobs
 from trialign.trunk_cache import (TrunkCache, decoder_of, inputs_digest, lowest_adapted_layer, top_layers_only,
                                   trunk_fingerprint)
-
-TARGET_DELIMITER = " "
-"""Put between the context and an option (lm-eval's ``target_delimiter``)."""
 
 _CHAT_ROLES = ("system", "user", "assistant")
 _CLUSTER_TOKENS = 32
@@ -127,13 +124,6 @@ def _eval_mode(model) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def _continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] without materializing the full log-softmax (logits are vocab-sized); half-precision
-    logits are upcast to float32 first, float32/float64 ones are used as they are."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,30 +276,21 @@ class AnswerProbe:
     def _encode_pairs(
         self, contexts: Sequence[str], options: Sequence[Sequence[str]]
     ) -> tuple[list[list[int]], list[list[list[int]]]]:
-        """lm-eval's `_encode_pair`: trailing context whitespace joins the continuation; the continuation's tokens
-        are those of context + continuation after the context's own tokens."""
+        """`trialign.tokens.encode_continuations`, with errors naming an empty context or option."""
         if len(contexts) != len(options):
             raise TriAlignError(f"score_options: got {len(contexts)} contexts but {len(options)} option lists")
-        trimmed, wholes = [], []
-        for index, (context, opts) in enumerate(zip(contexts, options)):
+        for index, opts in enumerate(options):
             if not opts:
                 raise TriAlignError(f"score_options: context {index} has no options to score")
-            stripped = context.rstrip()
-            trimmed.append(stripped)
             for number, option in enumerate(opts):
                 if not option:
                     raise TriAlignError(f"score_options: option {number} of context {index} is empty")
-                wholes.append(context + TARGET_DELIMITER + option)
-        context_ids = self._encode(trimmed)
-        whole_ids = iter(self._encode(wholes))
-        continuation_ids = []
-        for index, (ids, opts) in enumerate(zip(context_ids, options)):
+        context_ids, continuation_ids = encode_continuations(self.tokenizer, contexts, options)
+        for index, (ids, rows) in enumerate(zip(context_ids, continuation_ids)):
             if not ids:
                 raise TriAlignError(f"score_options: context {index} is empty after tokenization")
-            rows = [next(whole_ids)[len(ids) :] for _ in opts]
             if any(not row for row in rows):
                 raise TriAlignError(f"score_options: an option of context {index} adds no tokens to the context")
-            continuation_ids.append(rows)
         return context_ids, continuation_ids
 
     def score_options(self, contexts: Sequence[str], options: Sequence[Sequence[str]]) -> list[OptionScores]:
@@ -423,8 +404,8 @@ class AnswerProbe:
                     cache=gathered,
                     use_cache=True,
                 )
-                token_logprobs = _continuation_logprobs(out.logits, targets) * option_mask
-                for (_, c, o), value in zip(chunk, token_logprobs.sum(-1).tolist()):
+                per_token = token_logprobs(out.logits, targets) * option_mask
+                for (_, c, o), value in zip(chunk, per_token.sum(-1).tolist()):
                     totals[(c, o)] += value
             for (c, o), value in totals.items():
                 logliks[c][o] = value
@@ -447,8 +428,8 @@ class AnswerProbe:
             for row, t in enumerate(tokens):
                 targets[row, keep - len(t) :] = torch.tensor(t)
                 target_mask[row, keep - len(t) :] = 1
-            token_logprobs = _continuation_logprobs(out.logits, targets.to(self.device)) * target_mask.to(self.device)
-            for (c, o), value in zip(chunk, token_logprobs.sum(-1).tolist()):
+            per_token = token_logprobs(out.logits, targets.to(self.device)) * target_mask.to(self.device)
+            for (c, o), value in zip(chunk, per_token.sum(-1).tolist()):
                 logliks[c][o] = value
 
     def _stop_ids(self) -> torch.Tensor:

@@ -79,8 +79,8 @@ from typing import Any, Sequence
 import torch
 
 from trialign.errors import TriAlignError
-from trialign.probe import TARGET_DELIMITER, render_context, right_pad
-from trialign.tokens import padding_id
+from trialign.probe import render_context, right_pad
+from trialign.tokens import encode_continuations, padding_id
 
 log = logging.getLogger(__name__)
 
@@ -274,15 +274,11 @@ class TrajectoryCollator:
                 gold_index[b] = int(row["gold_index"])
                 for o in row["correct_options"] or [row["gold_index"]]:
                     correct[b, int(o)] = True
-        # lm-eval's _encode_pair, as in trialign.probe: trailing context whitespace joins the continuation.
-        context_ids = self._tokenize([context.rstrip() for _, _, context, _ in probe_contexts])
-        whole_ids = self._tokenize([context + TARGET_DELIMITER + option
-                                    for _, _, context, options in probe_contexts for option in options])
+        context_ids, tails = encode_continuations(self.tokenizer, [context for _, _, context, _ in probe_contexts],
+                                                  [options for _, _, _, options in probe_contexts])
         sequences, continuation, index = [], [], []
-        for b, g, context, options in probe_contexts:
-            prefix = context_ids[context.rstrip()]
-            for o, option in enumerate(options):
-                tail = whole_ids[context + TARGET_DELIMITER + option][len(prefix):]
+        for (b, g, context, options), prefix, option_tails in zip(probe_contexts, context_ids, tails):
+            for o, tail in enumerate(option_tails):
                 if not tail:
                     raise TriAlignError(f"item {rows[b]['item_id']!r}: option {o} adds no tokens to the probe context")
                 sequences.append(prefix + tail)

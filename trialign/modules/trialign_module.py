@@ -73,7 +73,7 @@ from trialign.metrics import audit_metrics, check_group_names, flatten_results
 from trialign.modules.aggregators import Aggregator
 from trialign.modules.export import write_adapter_folder
 from trialign.modules.heads import GroupValueHeads
-from trialign.modules.kl import context_kl, reference_kl
+from trialign.modules.kl import context_kl as language_anchor, reference_kl
 from trialign.modules.objectives import PolicyObjective
 from trialign.modules.penalties import AnchoredToReference, InconsistencyPenalty, NoPenalty
 from trialign.modules.policy import SHARED_ADAPTER, Policy
@@ -315,10 +315,6 @@ class TriAlignModule(LightningModule):
         return self.policy.probe_logprobs(batch, self.group_names, share_prefix=share, groups=groups,
                                           keep_contexts=keep_contexts)
 
-    def context_kl(self, contexts: list[dict[str, Tensor]]) -> Tensor:
-        """The language anchor on the probe's contexts (`trialign.modules.kl.context_kl`)."""
-        return context_kl(self.policy, contexts, self.context_kl_stride)
-
     @torch.no_grad()
     def reference_anchor(self, batch: dict[str, Any]) -> Tensor | None:
         """The reference group's option log-likelihoods [B, O] under the reference model (adapters disabled), for a
@@ -424,7 +420,7 @@ class TriAlignModule(LightningModule):
             probe = self.probe_logprobs(batch, groups=[self._reference_index()] if reference_only else None,
                                         keep_contexts=self.context_kl_coef > 0)
             if self.context_kl_coef > 0:
-                context_kl = self.context_kl(probe["contexts"])
+                context_kl = language_anchor(self.policy, probe["contexts"], self.context_kl_stride)
             penalty = penalty if reference_only else self._penalty(probe, batch)
             state_args = (probe["option_logprobs"], batch["option_mask"], batch["correct_options"],
                           probe["group_mask"], batch["has_options"])

@@ -24,10 +24,10 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from trialign.probe import TARGET_DELIMITER, AnswerProbe, OptionScores, ProbeResult, right_pad
+from trialign.probe import AnswerProbe, OptionScores, ProbeResult, right_pad
 from trialign.rollout.sampler import GenerationCache
 from trialign.tasks.item import Item
-from trialign.tokens import padding_id
+from trialign.tokens import encode_continuations, padding_id, token_logprobs
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -38,21 +38,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
-def _encode(tokenizer, contexts: Sequence[str], options: Sequence[Sequence[str]]):
-    """lm-eval's `_encode_pair`, as `AnswerProbe` does it: (context tokens, per option its continuation tokens)."""
-    trimmed = [c.rstrip() for c in contexts]
-    context_ids = [list(x) for x in tokenizer(trimmed, add_special_tokens=False)["input_ids"]]
-    wholes = [c + TARGET_DELIMITER + o for c, opts in zip(contexts, options) for o in opts]
-    whole_ids = iter(tokenizer(wholes, add_special_tokens=False)["input_ids"]) if wholes else iter(())
-    continuations = [[list(next(whole_ids))[len(ids):] for _ in opts] for ids, opts in zip(context_ids, options)]
-    return context_ids, continuations
-
-
 @torch.inference_mode()
 def score_options_on_cache(model, tokenizer, cache: GenerationCache, rows: Sequence[int], contexts: Sequence[str],
                            options: Sequence[Sequence[str]], *, option_tokens: int = 512) -> list[OptionScores]:
@@ -60,7 +45,7 @@ def score_options_on_cache(model, tokenizer, cache: GenerationCache, rows: Seque
     `cache` is left as it was (each chunk of rows works on its own copy), so the next turn can continue it."""
     device = cache.mask.device
     pad = padding_id(tokenizer)
-    context_ids, continuations = _encode(tokenizer, contexts, options)
+    context_ids, continuations = encode_continuations(tokenizer, contexts, options)
     totals: dict[tuple[int, int], float] = {}
     for chunk in _row_chunks(continuations, option_tokens):
         pick = torch.tensor([rows[b] for b in chunk], device=device)
@@ -79,7 +64,7 @@ def score_options_on_cache(model, tokenizer, cache: GenerationCache, rows: Seque
         pairs = [(row, o) for row, b in enumerate(chunk) for o in range(len(continuations[b]))]
         first = torch.tensor([continuations[chunk[row]][o][0] for row, o in pairs], device=device)
         which = torch.tensor([row for row, _ in pairs], device=device)
-        for (row, o), value in zip(pairs, _logprobs(last[which], first).tolist()):
+        for (row, o), value in zip(pairs, token_logprobs(last[which], first).tolist()):
             totals[(chunk[row], o)] = value
         if any(len(c) > 1 for b in chunk for c in continuations[b]):
             _score_option_blocks(model, past, torch.cat([mask, end_mask], 1),
@@ -136,7 +121,7 @@ def _score_option_blocks(model, past, mask: torch.Tensor, context_lengths: list[
     positions = torch.tensor(context_lengths, device=device)[:, None] + offset
     logits = model(input_ids=ids, attention_mask=additive[:, None], cache=past, use_cache=True,
                    position_ids=positions).logits
-    values = _logprobs(logits, target_ids).tolist()
+    values = token_logprobs(logits, target_ids).tolist()
     for row, name in enumerate(names):
         for q, o in enumerate(owners[row]):
             totals[(name, o)] += values[row][q]

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from trialign.errors import TriAlignError
-from trialign.tokens import end_of_turn_id, padding_id, stop_token_ids
+from trialign.tokens import end_of_turn_id, padding_id, stop_token_ids, token_logprobs
 
 
 
@@ -99,12 +99,6 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
     return ids.to(device), mask.to(device)
 
 
-def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per row, without materializing the log-softmax."""
-    logits = logits.float()
-    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
 @torch.inference_mode()
 def score_actions(
     model, tokenizer, prompts: Sequence[Sequence[int]], actions: Sequence[Sequence[int]], *, batch_size: int = 16
@@ -125,9 +119,9 @@ def score_actions(
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
         # Logit j of the kept window predicts token (width - keep + 1 + j); actions end the left-padded rows.
         targets = ids[:, -keep + 1:]
-        token_logprobs = _token_logprobs(logits[:, :-1].flatten(0, 1), targets.flatten()).view(targets.shape)
+        per_token = token_logprobs(logits[:, :-1].flatten(0, 1), targets.flatten()).view(targets.shape)
         for row, index in enumerate(chunk):
-            totals[index] = float(token_logprobs[row, -len(actions[index]):].sum())
+            totals[index] = float(per_token[row, -len(actions[index]):].sum())
     return totals
 
 
@@ -165,7 +159,7 @@ def score_actions_on_cache(model, cache: GenerationCache, rows: Sequence[int], p
         steps = torch.arange(width, device=device)
         logits = model(input_ids=ids, attention_mask=torch.cat([mask, feed_mask], 1), cache=past,
                        position_ids=(kept - 1)[:, None] + steps[None, :], use_cache=True).logits
-        values = _token_logprobs(logits.flatten(0, 1), targets.flatten()).view(targets.shape) * feed_mask
+        values = token_logprobs(logits.flatten(0, 1), targets.flatten()).view(targets.shape) * feed_mask
         totals.extend(values.sum(-1).tolist())
     return totals
 
@@ -219,7 +213,7 @@ class HFSampler:
                                for tokens, stop in zip(new_tokens, stops)])
         # Raw (unprocessed) logits of each step: log mu at temperature 1 of the sampled token.
         step_logprobs = torch.stack(
-            [_token_logprobs(step, out.sequences[:, width + s]) for s, step in enumerate(out.logits)], dim=1
+            [token_logprobs(step, out.sequences[:, width + s]) for s, step in enumerate(out.logits)], dim=1
         ).tolist()
         end_logprobs, next_cache = self._last_step(out, mask)
         samples = []
@@ -273,7 +267,7 @@ class HFSampler:
             cache=out.cache, use_cache=True,
         ).logits[:, -1]
         end = torch.full((logits.shape[0],), self.end_id, dtype=torch.long, device=logits.device)
-        return _token_logprobs(logits, end).tolist(), GenerationCache(out.cache, mask)
+        return token_logprobs(logits, end).tolist(), GenerationCache(out.cache, mask)
 
 
 def require_vllm() -> None:
