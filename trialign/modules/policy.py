@@ -32,7 +32,7 @@ SHARED_ADAPTER = "default"
 `PeftModel.from_pretrained(model, folder)` loads it without naming it."""
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                     ) -> torch.Tensor:
     return token_logprobs(F.linear(hidden, weight, bias), targets)
 
@@ -191,34 +191,27 @@ class Policy(nn.Module):
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log π(target | hidden) for M selected positions: hidden [M, H], targets [M] → [M] (float32)."""
-        head = self._require_built().get_base_model().get_output_embeddings()
-        weight, bias = head.weight, getattr(head, "bias", None)
-        pieces = []
-        for start in range(0, hidden.shape[0], self.logprob_chunk):
-            h = hidden[start:start + self.logprob_chunk]
-            t = targets[start:start + self.logprob_chunk]
-            if torch.is_grad_enabled() and h.requires_grad:
-                pieces.append(checkpoint(_chunk_logprobs, h, weight, bias, t, use_reentrant=False))
-            else:
-                pieces.append(_chunk_logprobs(h, weight, bias, t))
-        if not pieces:
-            return hidden.new_zeros(0, dtype=torch.float32)
-        return torch.cat(pieces)
+        return self._over_head_chunks(_chunk_logprobs, hidden, targets)
 
     def next_token_kl(self, hidden: torch.Tensor, reference_hidden: torch.Tensor) -> torch.Tensor:
         """KL(π_ref ‖ π) of the next-token distributions over the full vocabulary at M positions: hidden [M, H] of
-        the policy, reference_hidden [M, H] of the reference (detached) → [M] (float32), in chunks of
-        `logprob_chunk` positions recomputed in the backward pass."""
+        the policy, reference_hidden [M, H] of the reference (detached) → [M] (float32)."""
+        return self._over_head_chunks(_chunk_kl, hidden, reference_hidden.detach())
+
+    def _over_head_chunks(self, function, hidden: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """`function(hidden, other, weight, bias)` of the output head over chunks of `logprob_chunk` positions (at most
+        one chunk of vocabulary-sized logits alive), recomputed in the backward pass where `hidden` has a gradient;
+        the chunks' results concatenated, [M]."""
         head = self._require_built().get_base_model().get_output_embeddings()
         weight, bias = head.weight, getattr(head, "bias", None)
         pieces = []
         for start in range(0, hidden.shape[0], self.logprob_chunk):
             h = hidden[start:start + self.logprob_chunk]
-            r = reference_hidden[start:start + self.logprob_chunk].detach()
+            o = other[start:start + self.logprob_chunk]
             if torch.is_grad_enabled() and h.requires_grad:
-                pieces.append(checkpoint(_chunk_kl, h, r, weight, bias, use_reentrant=False))
+                pieces.append(checkpoint(function, h, o, weight, bias, use_reentrant=False))
             else:
-                pieces.append(_chunk_kl(h, r, weight, bias))
+                pieces.append(function(h, o, weight, bias))
         if not pieces:
             return hidden.new_zeros(0, dtype=torch.float32)
         return torch.cat(pieces)
