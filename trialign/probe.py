@@ -35,7 +35,8 @@ from transformers import DynamicCache
 
 from trialign.errors import TriAlignError
 from trialign.tasks.item import Item
-from trialign.tokens import encode_continuations, padding_id, stop_token_ids, token_logprobs
+from trialign.tokens import (encode_continuations, left_pad, padding_id, positions_from_mask, right_pad,
+                             stop_token_ids, token_logprobs)
 from trialign.trunk_cache import (TrunkCache, decoder_of, inputs_digest, lowest_adapted_layer, top_layers_only,
                                   trunk_fingerprint)
 
@@ -124,33 +125,6 @@ def _eval_mode(model) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows padded on the right to one width (at least 1): ``(ids, mask)`` as long tensors on `device`."""
-    width = max(1, max(len(seq) for seq in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a padded batch: real tokens count from 0 as if there were no padding."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _even_chunks(rows: list, size: int) -> list[list]:
@@ -360,7 +334,7 @@ class AnswerProbe:
             prefix += 1
         if len(contexts) == 1 or prefix < _MIN_SHARED_PREFIX:
             prefix = 0
-        rest_ids, rest_mask = _left_pad([ids[prefix:] for ids in contexts], self.pad_id, self.device)
+        rest_ids, rest_mask = left_pad([ids[prefix:] for ids in contexts], self.pad_id, self.device)
         cache = DynamicCache(config=self._cache_config or self.model.config)
         if prefix:
             shared = torch.tensor([contexts[0][:prefix]], device=self.device)
@@ -368,7 +342,7 @@ class AnswerProbe:
             cache.batch_repeat_interleave(len(contexts))
         mask = torch.cat([torch.ones_like(rest_mask[:, :1]).expand(-1, prefix), rest_mask], dim=1)
         out = self._forward(
-            input_ids=rest_ids, attention_mask=mask, position_ids=_positions(mask)[:, prefix:], cache=cache,
+            input_ids=rest_ids, attention_mask=mask, position_ids=positions_from_mask(mask)[:, prefix:], cache=cache,
             use_cache=True, logits_to_keep=1,
         )
         return out.logits[:, -1, :], out.cache, mask
@@ -419,9 +393,10 @@ class AnswerProbe:
             chunk = pairs[start : start + self.batch_size]
             tokens = [continuation_ids[c][o] for c, o in chunk]
             sequences = [context_ids[c] + t[:-1] for (c, _), t in zip(chunk, tokens)]
-            ids, mask = _left_pad(sequences, self.pad_id, self.device)
+            ids, mask = left_pad(sequences, self.pad_id, self.device)
             keep = max(len(t) for t in tokens)
-            out = self._forward(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=keep)
+            out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                                logits_to_keep=keep)
             # Right-align targets under the kept logits (sequences end together with left padding).
             targets = torch.full((len(chunk), keep), self.pad_id, dtype=torch.long)
             target_mask = torch.zeros((len(chunk), keep))
@@ -457,7 +432,7 @@ class AnswerProbe:
             batches = self._context_batches(context_ids)
             for batch in tqdm(batches, desc="decode", unit="batch", disable=not self.progress):
                 logits, cache, mask = self._run_contexts([context_ids[group[0]] for group in batch])
-                position = _positions(mask)[:, -1:]
+                position = positions_from_mask(mask)[:, -1:]
                 generated: list[list[int]] = [[] for _ in batch]
                 done = [False] * len(batch)
                 for step in range(steps):

@@ -8,6 +8,8 @@
 * `stop_token_ids`: the tokens that end a generated message — the end-of-turn token, EOS, the model's configured
   EOS ids and the end-of-turn markers of the common chat formats — for the rollout's sampler, `generate_texts`
   (evaluation's generate mode) and the probe's short answers alike.
+* `left_pad` / `right_pad` / `positions_from_mask` / `common_prefix_length`: how token rows become a batch
+  (ids padded with `padding_id`, a 0/1 mask) and the position ids real tokens get whichever side the padding is on.
 * `encode_continuations`: how an option is tokenized after its context (lm-evaluation-harness's `_encode_pair`),
   for the probe, the rollout's cached probe and the training collator: the importance of one rule here is that the
   option log-likelihoods of rollout, training and evaluation are of the same tokens.
@@ -88,3 +90,38 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target]: logits [..., V], targets [...] → [...], in at least float32."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left to one width: ``(ids, mask)`` as long tensors on `device` (an empty row is all
+    padding)."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the right to one width (at least 1): ``(ids, mask)`` as long tensors on `device`."""
+    width = max(1, max(len(seq) for seq in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return (ids, mask) if device is None else (ids.to(device), mask.to(device))
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens from 0, whichever side the padding is on."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two rows share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)

@@ -79,8 +79,8 @@ from typing import Any, Sequence
 import torch
 
 from trialign.errors import TriAlignError
-from trialign.probe import render_context, right_pad
-from trialign.tokens import encode_continuations, padding_id
+from trialign.probe import render_context
+from trialign.tokens import encode_continuations, padding_id, right_pad
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trialign.backbone import DEFAULT_MODEL, LoraSettings, attach_lora, load_model, reference_policy
 from trialign.errors import TriAlignError
-from trialign.tokens import token_logprobs
+from trialign.tokens import positions_from_mask, token_logprobs
 
 SHARED_ADAPTER = "default"
 """Name of the single shared adapter; peft saves the adapter named "default" at the top of the output folder, so
@@ -43,11 +43,6 @@ def _chunk_kl(hidden: torch.Tensor, reference_hidden: torch.Tensor, weight: torc
     with torch.no_grad():
         log_q = torch.log_softmax(F.linear(reference_hidden, weight, bias).float(), dim=-1)
     return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens from 0, whichever side the padding is on."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class Policy(nn.Module):

@@ -24,18 +24,10 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from trialign.probe import AnswerProbe, OptionScores, ProbeResult, right_pad
+from trialign.probe import AnswerProbe, OptionScores, ProbeResult
 from trialign.rollout.sampler import GenerationCache
 from trialign.tasks.item import Item
-from trialign.tokens import encode_continuations, padding_id, token_logprobs
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+from trialign.tokens import common_prefix_length, encode_continuations, padding_id, right_pad, token_logprobs
 
 
 @torch.inference_mode()
@@ -51,7 +43,8 @@ def score_options_on_cache(model, tokenizer, cache: GenerationCache, rows: Seque
         pick = torch.tensor([rows[b] for b in chunk], device=device)
         past = DynamicCache([(k.index_select(0, pick), v.index_select(0, pick)) for k, v, *_ in cache.key_values],
                             config=model.config)
-        kept = [min(_common_prefix(context_ids[b], cache.tokens[rows[b]]), len(context_ids[b]) - 1) for b in chunk]
+        kept = [min(common_prefix_length(context_ids[b], cache.tokens[rows[b]]), len(context_ids[b]) - 1)
+                for b in chunk]
         # Keep each row's first `kept` cached positions; later ones (the message's stop token, padding) are masked.
         mask = cache.mask.index_select(0, pick)
         mask = mask * (mask.cumsum(-1) <= torch.tensor(kept, device=device)[:, None])

@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import torch
 
 from trialign.errors import TriAlignError
-from trialign.tokens import end_of_turn_id, padding_id, stop_token_ids, token_logprobs
+from trialign.tokens import (common_prefix_length, end_of_turn_id, left_pad, padding_id, positions_from_mask,
+                             stop_token_ids, token_logprobs)
 
 
 
@@ -84,21 +85,6 @@ def action_piece(tokenizer, messages: Sequence[dict[str, str]], prompt: str, tex
     return segment[: end + len(end_text)] if end >= 0 else segment
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.inference_mode()
 def score_actions(
     model, tokenizer, prompts: Sequence[Sequence[int]], actions: Sequence[Sequence[int]], *, batch_size: int = 16
@@ -113,9 +99,9 @@ def score_actions(
     order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(actions[i])))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        ids, mask = _left_pad([list(prompts[i]) + list(actions[i]) for i in chunk], pad, device)
+        ids, mask = left_pad([list(prompts[i]) + list(actions[i]) for i in chunk], pad, device)
         keep = max(len(actions[i]) for i in chunk) + 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_mask(mask)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
         # Logit j of the kept window predicts token (width - keep + 1 + j); actions end the left-padded rows.
         targets = ids[:, -keep + 1:]
@@ -230,18 +216,18 @@ class HFSampler:
         its cache is copied to the rows that repeat it; None for the cache when no prompt repeats."""
         unique = list(dict.fromkeys(tuple(p) for p in prompts))
         if len(unique) == len(prompts) or min(len(p) for p in unique) < 2:
-            ids, mask = _left_pad(prompts, self.pad_id, self.device)
+            ids, mask = left_pad(prompts, self.pad_id, self.device)
             return ids, mask, None
         from transformers import DynamicCache
 
         position = {prompt: i for i, prompt in enumerate(unique)}
         rows = torch.tensor([position[tuple(p)] for p in prompts], device=self.device)
-        ids, mask = _left_pad(unique, self.pad_id, self.device)
+        ids, mask = left_pad(unique, self.pad_id, self.device)
         past = DynamicCache(config=self.model.config)
         # Left padding puts every prompt's last token in the last column: the cache covers all columns but it.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], cache=past, use_cache=True,
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, :-1], logits_to_keep=1)
+                       position_ids=positions_from_mask(mask)[:, :-1], logits_to_keep=1)
         past.batch_select_indices(rows)
         return ids.index_select(0, rows), mask.index_select(0, rows), past
 
@@ -249,9 +235,9 @@ class HFSampler:
         """(input ids, attention mask, cache) for `generate`, continuing the previous turn's cache: each row keeps
         the longest cached prefix of its prompt (later cached positions are masked) and feeds the rest, left-padded
         after the cached columns (`generate` derives positions from the mask, so the holes are harmless)."""
-        kept = [min(_common_prefix(p, cache.tokens[b]), len(p) - 1) for b, p in enumerate(prompts)]
+        kept = [min(common_prefix_length(p, cache.tokens[b]), len(p) - 1) for b, p in enumerate(prompts)]
         old = cache.mask * (cache.mask.cumsum(-1) <= torch.tensor(kept, device=cache.mask.device)[:, None])
-        new_ids, new_mask = _left_pad([list(p)[k:] for p, k in zip(prompts, kept)], self.pad_id, self.device)
+        new_ids, new_mask = left_pad([list(p)[k:] for p, k in zip(prompts, kept)], self.pad_id, self.device)
         filler = torch.full((len(prompts), old.shape[1]), self.pad_id, dtype=torch.long, device=self.device)
         return torch.cat([filler, new_ids], 1), torch.cat([old, new_mask], 1), cache.key_values
 
