@@ -24,7 +24,6 @@ batched, for models whose cache cannot be gathered by batch index.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -36,7 +35,7 @@ from transformers import DynamicCache
 from trialign.errors import TriAlignError
 from trialign.tasks.item import Item
 from trialign.tokens import (encode_continuations, left_pad, padding_id, positions_from_mask, right_pad,
-                             stop_token_ids, token_logprobs)
+                             select_cache_rows, stop_token_ids, token_logprobs)
 from trialign.trunk_cache import (TrunkCache, decoder_of, inputs_digest, lowest_adapted_layer, top_layers_only,
                                   trunk_fingerprint)
 
@@ -135,14 +134,6 @@ def _even_chunks(rows: list, size: int) -> list[list]:
     count = -(-len(rows) // size)
     bounds = [round(i * len(rows) / count) for i in range(count + 1)]
     return [rows[bounds[i] : bounds[i + 1]] for i in range(count)]
-
-
-def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> DynamicCache:
-    """A cache holding `rows` of `cache` (repeats allowed), leaving `cache` itself untouched for the next chunk."""
-    selected = copy.copy(cache)
-    selected.layers = [copy.copy(layer) for layer in cache.layers]
-    selected.batch_select_indices(rows)
-    return selected
 
 
 class AnswerProbe:
@@ -369,7 +360,7 @@ class AnswerProbe:
                 tokens = [continuation_ids[c][o] for _, c, o in chunk]
                 option_ids, option_mask = right_pad([t[:-1] for t in tokens], self.pad_id, self.device)
                 targets, _ = right_pad([t[1:] for t in tokens], self.pad_id, self.device)
-                gathered = _select_rows(cache, select)
+                gathered = select_cache_rows(cache, select)
                 steps = torch.arange(option_ids.shape[1], device=self.device)
                 out = self._forward(
                     input_ids=option_ids,

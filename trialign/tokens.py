@@ -10,6 +10,8 @@
   (evaluation's generate mode) and the probe's short answers alike.
 * `left_pad` / `right_pad` / `positions_from_mask` / `common_prefix_length`: how token rows become a batch
   (ids padded with `padding_id`, a 0/1 mask) and the position ids real tokens get whichever side the padding is on.
+* `select_cache_rows`: a KV cache holding chosen rows of another (repeats allowed), the source left as it was, so
+  that every option, action or next turn continues its context's cache the same way.
 * `encode_continuations`: how an option is tokenized after its context (lm-evaluation-harness's `_encode_pair`),
   for the probe, the rollout's cached probe and the training collator: the importance of one rule here is that the
   option log-likelihoods of rollout, training and evaluation are of the same tokens.
@@ -23,7 +25,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import copy
+from typing import Any, Sequence
 
 import torch
 
@@ -125,3 +128,12 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens two rows share."""
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A transformers KV cache holding `rows` of `cache` (repeats allowed); `cache` itself is left untouched for the
+    next caller. The layers keep their own types (full or sliding-window)."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)
+    return selected

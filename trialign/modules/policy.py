@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trialign.backbone import DEFAULT_MODEL, LoraSettings, attach_lora, load_model, reference_policy
 from trialign.errors import TriAlignError
-from trialign.tokens import positions_from_mask, token_logprobs
+from trialign.tokens import positions_from_mask, select_cache_rows, token_logprobs
 
 SHARED_ADAPTER = "default"
 """Name of the single shared adapter; peft saves the adapter named "default" at the top of the output folder, so
@@ -248,8 +248,6 @@ class Policy(nn.Module):
     def _shared_context_logprobs(self, input_ids: torch.Tensor, continuation: torch.Tensor, context_key: torch.Tensor,
                                  keep_contexts: bool = False
                                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
-        from transformers import DynamicCache
-
         model = self._require_built()
         decoder = model.get_base_model().get_decoder()
         device = input_ids.device
@@ -279,11 +277,7 @@ class Policy(nn.Module):
         # Option token j is predicted by the context's last state (j = 0) or by option token j - 1.
         predictors = [last[context_of_row][:, None, :]]
         if option_width > 1:
-            cache = DynamicCache(
-                [(keys.index_select(0, context_of_row), values.index_select(0, context_of_row))
-                 for keys, values, *_ in out.cache],
-                config=model.get_base_model().config,
-            )
+            cache = select_cache_rows(out.cache, context_of_row)
             tail = decoder(input_ids=option_ids[:, :-1],
                            attention_mask=torch.cat([context_mask[context_of_row], option_mask[:, :-1].long()], 1),
                            position_ids=first[:, None] + offsets[None, :-1], cache=cache, use_cache=True)

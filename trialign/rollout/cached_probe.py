@@ -22,12 +22,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from transformers import DynamicCache
 
 from trialign.probe import AnswerProbe, OptionScores, ProbeResult
 from trialign.rollout.sampler import GenerationCache
 from trialign.tasks.item import Item
-from trialign.tokens import common_prefix_length, encode_continuations, padding_id, right_pad, token_logprobs
+from trialign.tokens import (common_prefix_length, encode_continuations, padding_id, right_pad, select_cache_rows,
+                             token_logprobs)
 
 
 @torch.inference_mode()
@@ -41,8 +41,7 @@ def score_options_on_cache(model, tokenizer, cache: GenerationCache, rows: Seque
     totals: dict[tuple[int, int], float] = {}
     for chunk in _row_chunks(continuations, option_tokens):
         pick = torch.tensor([rows[b] for b in chunk], device=device)
-        past = DynamicCache([(k.index_select(0, pick), v.index_select(0, pick)) for k, v, *_ in cache.key_values],
-                            config=model.config)
+        past = select_cache_rows(cache.key_values, pick)
         kept = [min(common_prefix_length(context_ids[b], cache.tokens[rows[b]]), len(context_ids[b]) - 1)
                 for b in chunk]
         # Keep each row's first `kept` cached positions; later ones (the message's stop token, padding) are masked.

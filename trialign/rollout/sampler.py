@@ -26,7 +26,7 @@ import torch
 
 from trialign.errors import TriAlignError
 from trialign.tokens import (common_prefix_length, end_of_turn_id, left_pad, padding_id, positions_from_mask,
-                             stop_token_ids, token_logprobs)
+                             select_cache_rows, stop_token_ids, token_logprobs)
 
 
 
@@ -117,8 +117,6 @@ def score_actions_on_cache(model, cache: GenerationCache, rows: Sequence[int], p
     """`score_actions` for rows of a sampling call, continuing its cache: row `rows[i]` of `cache` holds
     `prompts[i]` (then the sampled tokens, masked out here), so only the action's tokens run. The cache is left as
     it was (each batch of rows works on a copy)."""
-    from transformers import DynamicCache
-
     device = cache.mask.device
     totals = []
     for start in range(0, len(rows), batch_size):
@@ -127,8 +125,7 @@ def score_actions_on_cache(model, cache: GenerationCache, rows: Sequence[int], p
         kept = torch.tensor([len(prompts[i]) for i in part], device=device)
         if any(cache.tokens[rows[i]][:len(prompts[i])] != list(prompts[i]) for i in part):
             raise ValueError("score_actions_on_cache: a prompt is not the start of its cache row")
-        past = DynamicCache([(k.index_select(0, pick), v.index_select(0, pick)) for k, v, *_ in cache.key_values],
-                            config=model.config)
+        past = select_cache_rows(cache.key_values, pick)
         # The cache holds no logits: the prompt's last token is fed again (its cached copy masked out), so that its
         # logits predict the action's first token; then the action but its last token.
         mask = cache.mask.index_select(0, pick)
