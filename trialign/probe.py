@@ -36,8 +36,8 @@ from trialign.errors import TriAlignError
 from trialign.tasks.item import Item
 from trialign.tokens import (encode_continuations, left_pad, padding_id, positions_from_mask, right_pad,
                              select_cache_rows, stop_token_ids, token_logprobs)
-from trialign.trunk_cache import (TrunkCache, decoder_of, inputs_digest, lowest_adapted_layer, top_layers_only,
-                                  trunk_fingerprint)
+from trialign.trunk_cache import (TrunkCache, decoder_of, inputs_digest, layer_inputs, lowest_adapted_layer,
+                                  top_layers_only, trunk_fingerprint)
 
 _CHAT_ROLES = ("system", "user", "assistant")
 _CLUSTER_TOKENS = 32
@@ -177,6 +177,8 @@ class AnswerProbe:
         self._stop_token_ids: torch.Tensor | None = None
         self.trunk_cache = trunk_cache
         self._fingerprints: dict[int, str] = {}
+        # The lowest adapted layer of `model` (None without adapters); the model is fixed for the probe's life.
+        self._own_depth = lowest_adapted_layer(model) if trunk_cache is not None else None
         self._replay: Iterator[torch.Tensor] | None = None
         self._cache_config = None
 
@@ -202,10 +204,10 @@ class AnswerProbe:
         adapters records nothing)."""
         cache = self.trunk_cache
         digest = inputs_digest(context_ids, continuation_ids, self.batch_size, self.autocast)
-        own = lowest_adapted_layer(self.model)
+        own = self._own_depth
         limit = len(decoder_of(self.model).layers) if own is None else own
-        for depth, fingerprint in reversed(cache.depths(self._fingerprint)):
-            recorded = cache.get((fingerprint, depth, digest)) if 0 < depth <= limit else None
+        for depth in reversed([d for d in cache.depths() if 0 < d <= limit]):
+            recorded = cache.get((self._fingerprint(depth), depth, digest))
             if recorded is None:
                 continue
             self._replay = iter(recorded)
@@ -221,16 +223,8 @@ class AnswerProbe:
         if own is None or own == 0:
             self._score_shared(context_ids, continuation_ids, logliks)
             return
-        recorded: list[torch.Tensor] = []
-
-        def keep(module, args, kwargs):
-            recorded.append((args[0] if args else kwargs["hidden_states"]).detach())
-
-        hook = decoder_of(self.model).layers[own].register_forward_pre_hook(keep, with_kwargs=True)
-        try:
+        with layer_inputs(decoder_of(self.model), own) as recorded:
             self._score_shared(context_ids, continuation_ids, logliks)
-        finally:
-            hook.remove()
         cache.put((self._fingerprint(own), own, digest), recorded)
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:

@@ -20,9 +20,10 @@ log-likelihoods equal the full path's up to the kernels' rounding (tests compare
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -37,11 +38,27 @@ def decoder_of(model) -> nn.Module:
 
 
 def lowest_adapted_layer(model) -> int | None:
-    """Index of the lowest decoder layer holding LoRA weights; None for a model without adapters."""
-    for index, layer in enumerate(decoder_of(model).layers):
+    """Index of the lowest decoder layer holding LoRA weights; None for a model without adapters (or layers)."""
+    for index, layer in enumerate(getattr(decoder_of(model), "layers", None) or []):
         if any("lora_" in name for name, _ in layer.named_parameters()):
             return index
     return None
+
+
+@contextlib.contextmanager
+def layer_inputs(decoder: nn.Module, index: int) -> Iterator[list[torch.Tensor]]:
+    """A list that receives the (detached) input hidden states of decoder layer `index` on every forward pass run
+    inside the block: the trunk's output when `index` is the lowest adapted layer."""
+    recorded: list[torch.Tensor] = []
+
+    def keep(module, args, kwargs):
+        recorded.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    hook = decoder.layers[index].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield recorded
+    finally:
+        hook.remove()
 
 
 def trunk_fingerprint(model, depth: int) -> str:
@@ -78,9 +95,9 @@ class TrunkCache:
     def nbytes(self) -> int:
         return sum(self._sizes.values())
 
-    def depths(self, fingerprint_of) -> list[tuple[int, str]]:
-        """(depth, fingerprint) pairs of the entries' depths, with `fingerprint_of(depth)` the caller's trunk."""
-        return [(depth, fingerprint_of(depth)) for depth in sorted({key[1] for key in self._entries})]
+    def depths(self) -> list[int]:
+        """The depths the entries were recorded at, ascending."""
+        return sorted({key[1] for key in self._entries})
 
     def get(self, key: tuple) -> list[torch.Tensor] | None:
         found = self._entries.get(key)
@@ -107,7 +124,8 @@ class TrunkCache:
 class top_layers_only:
     """Context manager: the decoder holds only its layers from `depth` up, numbered from 0 for the KV cache (so a
     `DynamicCache` of `cache_config` — the config with that many layers — serves them), and the model's forward takes
-    `inputs_embeds` = the trunk's output. Everything is put back on exit."""
+    `inputs_embeds` = the trunk's output. Everything is put back on exit. Layers without `self_attn.layer_idx` keep
+    no KV-cache number to change."""
 
     def __init__(self, model, depth: int):
         self.decoder = decoder_of(model)
@@ -119,9 +137,11 @@ class top_layers_only:
 
         self.layers = self.decoder.layers
         top = list(self.layers)[self.depth:]
-        self.numbers = [layer.self_attn.layer_idx for layer in top]
-        for number, layer in enumerate(top):
-            layer.self_attn.layer_idx = number
+        self.attentions = [getattr(layer, "self_attn", None) for layer in top]
+        self.numbers = [getattr(attention, "layer_idx", None) for attention in self.attentions]
+        for number, attention in enumerate(self.attentions):
+            if self.numbers[number] is not None:
+                attention.layer_idx = number
         self.decoder.layers = nn.ModuleList(top)
         self.cache_config = copy.copy(self.decoder.config)
         self.cache_config.num_hidden_layers = len(top)
@@ -130,6 +150,7 @@ class top_layers_only:
         return self
 
     def __exit__(self, *exc) -> None:
-        for layer, number in zip(self.decoder.layers, self.numbers):
-            layer.self_attn.layer_idx = number
+        for attention, number in zip(self.attentions, self.numbers):
+            if number is not None:
+                attention.layer_idx = number
         self.decoder.layers = self.layers

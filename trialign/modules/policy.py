@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from trialign.backbone import DEFAULT_MODEL, LoraSettings, attach_lora, load_model, reference_policy
 from trialign.errors import TriAlignError
 from trialign.tokens import positions_from_mask, select_cache_rows, token_logprobs
+from trialign.trunk_cache import layer_inputs, lowest_adapted_layer, top_layers_only
 
 SHARED_ADAPTER = "default"
 """Name of the single shared adapter; peft saves the adapter named "default" at the top of the output folder, so
@@ -92,9 +93,7 @@ class Policy(nn.Module):
         self.model = attach_lora(base, self.lora, self.adapter_names)
         self.model.train()
         self._all_adapters_trainable()
-        layers = getattr(self._decoder(), "layers", None)
-        adapted = [i for i, layer in enumerate(layers or []) if any("lora_" in n for n, _ in layer.named_parameters())]
-        self.trunk_depth = adapted[0] if layers is not None and adapted else 0
+        self.trunk_depth = lowest_adapted_layer(self.model) or 0
         """Decoder layers below the lowest adapted one; they compute the same with adapters on or off."""
 
     def _decoder(self) -> nn.Module:
@@ -141,19 +140,11 @@ class Policy(nn.Module):
         """The decoder's output on `inputs` and, when `keep_trunk` and the lowest layers carry no adapter, the
         (detached) input of the first adapted layer — what the reference forward can start from (None otherwise)."""
         decoder = self._decoder()
-        captured: dict[str, torch.Tensor] = {}
-        hook = None
-        if keep_trunk and self.trunk_depth > 0:
-            def keep(module, args, kwargs):
-                captured["trunk"] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-            hook = decoder.layers[self.trunk_depth].register_forward_pre_hook(keep, with_kwargs=True)
-        try:
+        if not (keep_trunk and self.trunk_depth > 0):
+            return decoder(**inputs), None
+        with layer_inputs(decoder, self.trunk_depth) as recorded:
             out = decoder(**inputs)
-        finally:
-            if hook is not None:
-                hook.remove()
-        return out, captured.get("trunk")
+        return out, recorded[0]
 
     def hidden_states_and_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_trunk: bool = True
                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -173,15 +164,10 @@ class Policy(nn.Module):
         with self.reference():
             if trunk is None or self.trunk_depth == 0:
                 return self.hidden_states(input_ids, attention_mask)
-            decoder = self._decoder()
-            layers = decoder.layers
             # The decoder runs the layers it holds on `inputs_embeds`: hand it the upper layers and their input.
-            decoder.layers = nn.ModuleList(list(layers)[self.trunk_depth:])
-            try:
-                out = decoder(inputs_embeds=trunk, attention_mask=attention_mask,
-                              position_ids=positions_from_mask(attention_mask), use_cache=False)
-            finally:
-                decoder.layers = layers
+            with top_layers_only(self.model, self.trunk_depth):
+                out = self._decoder()(inputs_embeds=trunk, attention_mask=attention_mask,
+                                      position_ids=positions_from_mask(attention_mask), use_cache=False)
             return out.last_hidden_state
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

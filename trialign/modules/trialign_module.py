@@ -422,13 +422,12 @@ class TriAlignModule(LightningModule):
             if self.context_kl_coef > 0:
                 context_kl = language_anchor(self.policy, probe["contexts"], self.context_kl_stride)
             penalty = penalty if reference_only else self._penalty(probe, batch)
-            state_args = (probe["option_logprobs"], batch["option_mask"], batch["correct_options"],
-                          probe["group_mask"], batch["has_options"])
+            answers = (probe["option_logprobs"], batch["option_mask"], batch["correct_options"])
             truth_mask = probe["group_mask"]
             if self.truth_groups == "reference":
                 truth_mask = truth_mask & (torch.arange(num_groups, device=device) == self._reference_index())
-            truth_losses, with_states = truth_loss(*state_args[:3], truth_mask, state_args[4])
-            estimates.append(expected_truth(*state_args))
+            truth_losses, with_states = truth_loss(*answers, truth_mask, batch["has_options"])
+            estimates.append(expected_truth(*answers, probe["group_mask"], batch["has_options"]))
             if self.truth_coef > 0:
                 parts["present"] = parts["present"] | with_states
         # One EMA update per step: where both kinds estimate a group's utility, their mean.
