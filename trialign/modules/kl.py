@@ -77,5 +77,5 @@ def context_kl(policy: "Policy", contexts: list[dict[str, torch.Tensor]], stride
         total = per_position.sum() if total is None else total + per_position.sum()
         count += per_position.numel()
     if total is None or count == 0:
-        return torch.zeros(())
+        return torch.zeros((), device=next(policy.parameters()).device)
     return total / count
