@@ -22,6 +22,14 @@ from trialign.modules.heads import GroupValueHeads
 HEADS_FILE = "value_heads.safetensors"
 
 
+def split_module_state(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A `TriAlignModule` state dict (e.g. a checkpoint's) as (the policy model's keys, the value heads' keys), each
+    without its prefix."""
+    adapter_state = {k[len("policy.model."):]: v for k, v in state_dict.items() if k.startswith("policy.model.")}
+    head_state = {k[len("value_heads."):]: v for k, v in state_dict.items() if k.startswith("value_heads.")}
+    return adapter_state, head_state
+
+
 def write_adapter_folder(target: Path, policy, head_state: dict[str, Tensor], group_names: list[str],
                          adapter_state: dict[str, Tensor] | None = None) -> Path:
     """Write `policy`'s adapters (from `adapter_state` when given, else the live ones) and the value heads'

@@ -71,12 +71,13 @@ from trialign.config_io import from_cli
 from trialign.errors import TriAlignError
 from trialign.metrics import audit_metrics, check_group_names, flatten_results
 from trialign.modules.aggregators import Aggregator
-from trialign.modules.export import write_adapter_folder
+from trialign.modules.export import split_module_state, write_adapter_folder
 from trialign.modules.heads import GroupValueHeads
 from trialign.modules.kl import context_kl as language_anchor, reference_kl
 from trialign.modules.objectives import PolicyObjective
 from trialign.modules.penalties import AnchoredToReference, InconsistencyPenalty, NoPenalty
 from trialign.modules.policy import SHARED_ADAPTER, Policy
+from trialign.modules.probe_groups import step_groups
 from trialign.modules.truth import expected_truth, truth_loss
 from trialign.modules.utility import GroupUtility, snis_group_means
 from trialign.modules.values import ValueEstimator
@@ -110,6 +111,8 @@ class TriAlignModule(LightningModule):
             added to each group's loss before aggregation; 0 turns it off.
         truth_groups: whose states the truth term trains: "all", or "reference" (the reference group's only; the
             penalty alone carries the truth to the personas, DESIGN.md "Cross-group states").
+        probe_groups: groups a training step probes besides the reference group, drawn per step
+            (`trialign.modules.probe_groups`); None probes every group.
         kl_coef: β_KL, weight of the KL to the reference policy.
         context_kl_coef: weight of the language anchor (`trialign.modules.kl.context_kl`) on the probe's contexts.
         context_kl_stride: the anchor reads every `context_kl_stride`-th context position (1: all of them).
@@ -139,6 +142,7 @@ class TriAlignModule(LightningModule):
         penalty_coef: float = 1.0,
         truth_coef: float = 0.0,
         truth_groups: str = "all",
+        probe_groups: int | None = None,
         kl_coef: float = 0.05,
         context_kl_coef: float = 0.0,
         context_kl_stride: int = 4,
@@ -181,6 +185,9 @@ class TriAlignModule(LightningModule):
             raise TriAlignError(f"model.truth_groups: expected one of {list(TRUTH_GROUPS)}, got {truth_groups!r}")
         if truth_groups == "reference" and reference_group is None:
             raise TriAlignError("model.truth_groups: 'reference' needs model.reference_group")
+        if probe_groups is not None and not (type(probe_groups) is int and probe_groups >= 1 and reference_group):
+            raise TriAlignError(f"model.probe_groups: expected null or an integer >= 1 (with model.reference_group), "
+                                f"got {probe_groups!r}")
         for part in penalty.modules():  # a penalty anchored to the reference group needs to know where it is
             if isinstance(part, AnchoredToReference):
                 if reference_group is None:
@@ -194,6 +201,7 @@ class TriAlignModule(LightningModule):
         self.penalty_coef = penalty_coef
         self.truth_coef = truth_coef
         self.truth_groups = truth_groups
+        self.probe_groups = probe_groups
         self.kl_coef = kl_coef
         self.context_kl_coef = context_kl_coef
         self.context_kl_stride = context_kl_stride
@@ -417,8 +425,10 @@ class TriAlignModule(LightningModule):
         if self._needs_probe():
             # Without a penalty, a truth term on the reference group alone needs only that group's probe.
             reference_only = self.truth_groups == "reference" and not self._penalty_on()
-            probe = self.probe_logprobs(batch, groups=[self._reference_index()] if reference_only else None,
-                                        keep_contexts=self.context_kl_coef > 0)
+            groups = [self._reference_index()] if reference_only else (
+                step_groups(num_groups, self._reference_index(), self.probe_groups, self.global_step)
+                if self.probe_groups else None)
+            probe = self.probe_logprobs(batch, groups=groups, keep_contexts=self.context_kl_coef > 0)
             if self.context_kl_coef > 0:
                 context_kl = language_anchor(self.policy, probe["contexts"], self.context_kl_stride)
             penalty = penalty if reference_only else self._penalty(probe, batch)
@@ -516,20 +526,16 @@ class TriAlignModule(LightningModule):
         self.log_dict({f"{prefix}/{name}": float(value) for name, value in results.items()}, sync_dist=False,
                       rank_zero_only=False)
 
+    on_validation_epoch_start = on_test_epoch_start = _start_evaluation
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
-
-    def on_validation_epoch_start(self) -> None:
-        self._start_evaluation()
 
     def on_validation_epoch_end(self) -> None:
         self._end_evaluation("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluation_step(batch, "test")
-
-    def on_test_epoch_start(self) -> None:
-        self._start_evaluation()
 
     def on_test_epoch_end(self) -> None:
         self._end_evaluation("test")
@@ -584,13 +590,8 @@ class TriAlignModule(LightningModule):
             return None
         if not self.policy.built or self.value_heads is None:
             return None
-        if state_dict is None:
-            adapter_state = None
-            head_state = self.value_heads.state_dict()
-        else:
-            adapter_state = {k[len("policy.model."):]: v for k, v in state_dict.items()
-                             if k.startswith("policy.model.")}
-            head_state = {k[len("value_heads."):]: v for k, v in state_dict.items() if k.startswith("value_heads.")}
+        adapter_state, head_state = ((None, self.value_heads.state_dict()) if state_dict is None
+                                     else split_module_state(state_dict))
         target = Path(directory) if directory is not None else self.export_directory()
         return write_adapter_folder(target, self.policy, head_state, self.group_names, adapter_state)
 
