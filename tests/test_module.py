@@ -639,3 +639,23 @@ def test_no_term_reaching_the_weights_still_gives_a_zero_loss_with_a_gradient(ti
     loss, parts = module.compute_loss(states)
     assert loss.item() == 0.0 and loss.requires_grad and not parts["present"].any()
     loss.backward()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_autocast_null_trains_in_bf16_exactly_where_bf16_is_native(tmp_path, tiny_model_dir, embedded_tokenizer,
+                                                                   monkeypatch, native):
+    import trialign.modules.trialign_module as module_file
+
+    monkeypatch.setattr(module_file, "native_bf16", lambda device="cpu": native)  # stand-in for this CPU's answer
+    batches, names = make_batches(embedded_tokenizer, count=1)
+    module = make_module(tiny_model_dir, names, autocast=None)
+    seen = []  # the dtype the decoder's linear layers compute in, step by step
+    hook = module.policy._decoder().layers[0].mlp.down_proj.register_forward_hook(
+        lambda m, args, out: seen.append(out.dtype))
+    before = snapshot(module)
+    quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, DataLoader(batches, batch_size=None))
+    hook.remove()
+    assert module.autocast is native and seen and set(seen) == {torch.bfloat16 if native else torch.float32}
+    after = snapshot(module)
+    assert all(after[n].dtype == torch.float32 for n in after)  # the weights stay fp32: autocast, not bf16 weights
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)

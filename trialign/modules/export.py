@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 from torch import Tensor
 
@@ -20,6 +21,16 @@ from trialign.errors import TriAlignError
 from trialign.modules.heads import GroupValueHeads
 
 HEADS_FILE = "value_heads.safetensors"
+
+
+def check_trainable_keys(saved: Iterable[str], expected: set[str], path: str | None = None) -> None:
+    """A `TriAlignModule` checkpoint must hold every trainable key (`expected`); the frozen base weights are left out
+    of it by design, so a missing trainable key is the one error `strict_loading = False` would hide."""
+    missing = sorted(expected - set(saved))
+    if missing:
+        raise TriAlignError(f"checkpoint{f' {path}' if path else ''}: missing trainable weights {missing[:5]}"
+                            f"{' ...' if len(missing) > 5 else ''}; expected one written with this model config "
+                            "(model source, LoRA settings, groups, per_group_adapters)")
 
 
 def split_module_state(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

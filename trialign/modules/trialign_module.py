@@ -66,12 +66,12 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
-from trialign.backbone import DEFAULT_MODEL, LoraSettings
+from trialign.backbone import DEFAULT_MODEL, LoraSettings, native_bf16
 from trialign.config_io import from_cli
 from trialign.errors import TriAlignError
 from trialign.metrics import audit_metrics, check_group_names, flatten_results
 from trialign.modules.aggregators import Aggregator
-from trialign.modules.export import split_module_state, write_adapter_folder
+from trialign.modules.export import check_trainable_keys, split_module_state, write_adapter_folder
 from trialign.modules.heads import GroupValueHeads
 from trialign.modules.kl import context_kl as language_anchor, reference_kl
 from trialign.modules.objectives import PolicyObjective
@@ -102,6 +102,8 @@ class TriAlignModule(LightningModule):
         model: model source of the backbone (embedded alias, local directory, GGUF file or hub id).
         lora: LoRA hyper-parameters.
         dtype: weight dtype of the backbone.
+        autocast: bf16 autocast of the training steps' forward passes; None: where bf16 is native on the device
+            (`trialign.backbone.native_bf16`: AVX512-BF16/AMX CPUs, bf16 GPUs), where a step runs about 1.7x faster.
         per_group_adapters: one LoRA adapter per group instead of one shared adapter.
         gradient_checkpointing: recompute the backbone's activations in the backward pass.
         reference_group: the no-persona group for the breakage metric (None: no breakage metric).
@@ -135,6 +137,7 @@ class TriAlignModule(LightningModule):
         model: str = DEFAULT_MODEL,
         lora: LoraSettings | None = None,
         dtype: str = "float32",
+        autocast: bool | None = False,
         per_group_adapters: bool = False,
         gradient_checkpointing: bool = False,
         reference_group: str | None = None,
@@ -213,6 +216,7 @@ class TriAlignModule(LightningModule):
         self.optimizer_factory = optimizer
         self.adapter_dir = adapter_dir
         self.probe_share_prefix = probe_share_prefix
+        self.autocast = autocast
         self.policy = Policy(model, lora, self.group_names if per_group_adapters else [SHARED_ADAPTER], dtype=dtype,
                              gradient_checkpointing=gradient_checkpointing)
         self.value_heads: GroupValueHeads | None = None
@@ -468,19 +472,19 @@ class TriAlignModule(LightningModule):
         return [DivergenceGuard()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        total, parts = self.compute_loss(batch)
+        if self.autocast is None:  # resolved on the device the steps run on, and logged once
+            self.autocast = native_bf16(self.device)
+            log.info("training under bf16 autocast: %s (native bf16 on %s)", self.autocast, self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.autocast)):
+            total, parts = self.compute_loss(batch)
         self.last_loss_parts = {k: v.detach() for k, v in parts.items()}  # what the divergence guard checks
         batch_size = int(batch["option_mask"].shape[0])
         logged: dict[str, Tensor] = {"train/loss": total.detach(), "train/penalty": parts["penalty"].detach(),
                                      "train/kl": parts["kl"].detach(), "train/context_kl": parts["context_kl"].detach()}
         for index, group in enumerate(self.group_names):
-            logged[f"train/utility/{group}"] = parts["utility"][index]
-            logged[f"train/weight/{group}"] = parts["weight"][index]
-            if bool(parts["present"][index]):
-                logged[f"train/loss/{group}"] = parts["group_loss"][index].detach()
-                logged[f"train/policy_loss/{group}"] = parts["policy_loss"][index].detach()
-                logged[f"train/value_loss/{group}"] = parts["value_loss"][index].detach()
-                logged[f"train/truth_loss/{group}"] = parts["truth_loss"][index].detach()
+            names = {"utility": "utility", "weight": "weight"} | ({"loss": "group_loss", **{k: k for k in (
+                "policy_loss", "value_loss", "truth_loss")}} if bool(parts["present"][index]) else {})
+            logged.update({f"train/{name}/{group}": parts[key][index].detach() for name, key in names.items()})
         self.log_dict({k: v.float() for k, v in logged.items()}, on_step=True, on_epoch=False, prog_bar=False,
                       batch_size=batch_size)
         self.log("loss", total.detach().float(), prog_bar=True, logger=False, batch_size=batch_size)
@@ -555,14 +559,8 @@ class TriAlignModule(LightningModule):
         self.export_adapters(state_dict=checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = set(checkpoint.get("state_dict", {}))
-        expected = set(self.state_dict()) - self._frozen_keys()
-        missing = sorted(expected - saved)
-        if missing:
-            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-            raise TriAlignError(f"checkpoint{f' {path}' if path else ''}: missing trainable weights {missing[:5]}"
-                                f"{' ...' if len(missing) > 5 else ''}; expected one written with this model config "
-                                "(model source, LoRA settings, groups, per_group_adapters)")
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        check_trainable_keys(checkpoint.get("state_dict", {}), set(self.state_dict()) - self._frozen_keys(), path)
 
     def on_train_end(self) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
