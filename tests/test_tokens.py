@@ -69,3 +69,53 @@ def test_token_logprobs_equal_a_float64_log_softmax():
     assert token_logprobs(logits.double(), targets).dtype == torch.float64  # float64 stays float64
     half = token_logprobs(logits.bfloat16(), targets)
     assert half.dtype == torch.float32  # half precision is upcast before the log-softmax
+
+
+def test_an_action_is_the_assistant_text_through_its_end_of_turn_token(embedded_tokenizer):
+    from trialign.tokens import action_text
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    prompt = embedded_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    action = action_text(embedded_tokenizer, messages, prompt, "It is 4.")
+    assert action == "It is 4.<|im_end|>"  # the newline after <|im_end|> belongs to the next state
+    ids = embedded_tokenizer(action, add_special_tokens=False)["input_ids"]
+    assert ids[-1] == end_of_turn_id(embedded_tokenizer)
+
+
+def test_rollout_and_collator_cut_the_same_action(embedded_tokenizer):
+    """The rollout's action (whose log mu it stores) is the collator's action piece, token for token."""
+    from trialign.datamodules.collate import TrajectoryCollator
+    from trialign.tokens import action_text
+
+    turns = [{"user": "Is the sky blue?", "assistant": "Yes, on a clear day."},
+             {"user": "Are you sure?", "assistant": "Yes."}]
+    pieces = TrajectoryCollator(embedded_tokenizer, ["neutral"], max_length=256).episode_pieces("Be brief.", turns)
+    messages = [{"role": "system", "content": "Be brief."}]
+    for t, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn["user"]})
+        prompt = embedded_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert action_text(embedded_tokenizer, messages, prompt, turn["assistant"]) == pieces[2 * t + 1][0]
+        messages.append({"role": "assistant", "content": turn["assistant"]})
+    assert [turn for _, turn in pieces] == [0, 1, 0, 2]
+
+
+def test_a_template_that_rewrites_the_state_is_refused_by_rollout_and_collator(embedded_tokenizer):
+    import copy
+
+    import pytest
+
+    from trialign.datamodules.collate import TrajectoryCollator
+    from trialign.errors import TriAlignError
+    from trialign.tokens import action_text
+
+    tokenizer = copy.deepcopy(embedded_tokenizer)
+    # A template that writes the generation prompt differently from the assistant turn it opens.
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>model\n{% endif %}")
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(TriAlignError, match="does not render the conversation at item 7 as a prefix"):
+        action_text(tokenizer, messages, prompt, "Hello", where=" at item 7")
+    collator = TrajectoryCollator(tokenizer, ["neutral"], max_length=256)
+    with pytest.raises(TriAlignError, match="as a prefix of its continuation"):
+        collator.episode_pieces("", [{"user": "Hi", "assistant": "Hello"}])

@@ -8,6 +8,11 @@
 * `stop_token_ids`: the tokens that end a generated message — the end-of-turn token, EOS, the model's configured
   EOS ids and the end-of-turn markers of the common chat formats — for the rollout's sampler, `generate_texts`
   (evaluation's generate mode) and the probe's short answers alike.
+* `special_token_texts` / `action_text`: which text makes up an action a_t — the assistant segment of the chat
+  template's render after the state, up to and including its last special token (the end-of-turn token); the text
+  after it (a newline) belongs to the next state. The rollout's log μ and training's log π are of these tokens, so
+  the rollout and the collator cut with this one function; a template that does not render the conversation so
+  far as a prefix of its continuation is refused (both used to disagree there: one fell back, one raised).
 * `left_pad` / `right_pad` / `positions_from_mask` / `common_prefix_length`: how token rows become a batch
   (ids padded with `padding_id`, a 0/1 mask) and the position ids real tokens get whichever side the padding is on.
 * `select_cache_rows`: a KV cache holding chosen rows of another (repeats allowed), the source left as it was, so
@@ -71,6 +76,32 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
     return sorted(int(i) for i in ids if i is not None)
+
+
+def special_token_texts(tokenizer) -> list[str]:
+    """The tokenizer's special tokens as text, longest first (so a token that contains another is found first)."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def action_text(tokenizer, messages: Sequence[dict[str, str]], prompt: str, text: str,
+                specials: Sequence[str] | None = None, where: str = "") -> str:
+    """The template text of assistant message `text` after `messages` (whose render with the generation prompt is
+    `prompt`), up to and including its last special token: the action a_t as rollout and training tokenize it.
+
+    `specials`: `special_token_texts(tokenizer)` (computed here when None; callers that cut many actions pass it).
+    A template whose render of the conversation does not start with `prompt` is a `TriAlignError` naming `where`."""
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=False,
+                                         add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise TriAlignError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: its chat template does not render the "
+            f"conversation{where} as a prefix of its continuation; episodes cannot be cut into states and actions")
+    segment = full[len(prompt):]
+    end = max((segment.rfind(token) + len(token) for token in
+               (special_token_texts(tokenizer) if specials is None else specials) if token in segment), default=0)
+    return segment[:end] if end > 0 else segment
 
 
 def encode_continuations(tokenizer, contexts: Sequence[str], options: Sequence[Sequence[str]]

@@ -80,7 +80,7 @@ import torch
 
 from trialign.errors import TriAlignError
 from trialign.probe import render_context
-from trialign.tokens import encode_continuations, padding_id, right_pad
+from trialign.tokens import action_text, encode_continuations, padding_id, right_pad, special_token_texts
 
 log = logging.getLogger(__name__)
 
@@ -120,24 +120,13 @@ class TrajectoryCollator:
         self.max_length = int(max_length)
         self.probe_answer_prefix = probe_answer_prefix
         self.pad_id = padding_id(tokenizer)
-        specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
-        specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-        self._special_tokens = sorted((s for s in specials if s), key=len, reverse=True)
+        self._special_tokens = special_token_texts(tokenizer)
         self.dropped_turns = 0
         """Turns dropped for `max_length` by this collator so far (in this process)."""
 
     # ------------------------------------------------------------------ rendering
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-    def _action_end(self, segment: str) -> int:
-        """End (exclusive) of the action inside an assistant segment: after its last special token, if any."""
-        best = -1
-        for token in self._special_tokens:
-            at = segment.rfind(token)
-            if at >= 0:
-                best = max(best, at + len(token))
-        return best if best > 0 else len(segment)
 
     def episode_pieces(self, system: str, turns: Sequence[dict[str, Any]], where: str = "") -> list[tuple[str, int]]:
         """The episode cut into state and action pieces (see the module docstring): ``[(text, 0 or t+1), ...]``.
@@ -150,18 +139,17 @@ class TrajectoryCollator:
         for t, turn in enumerate(turns):
             messages.append({"role": "user", "content": turn["user"]})
             prompt = self._render(messages, True)
-            messages.append({"role": "assistant", "content": turn["assistant"]})
-            full = self._render(messages, False)
-            if not prompt.startswith(done) or not full.startswith(prompt):
+            if not prompt.startswith(done):
                 raise TriAlignError(
                     f"tokenizer {getattr(self.tokenizer, 'name_or_path', '')!r}: its chat template does not render "
                     f"the conversation{where} at turn {t} as a prefix of its continuation; episodes cannot be cut "
                     "into states and actions")
-            segment = full[len(prompt):]
-            end = self._action_end(segment)
+            action = action_text(self.tokenizer, messages, prompt, turn["assistant"], self._special_tokens,
+                                 f"{where} at turn {t}")
+            messages.append({"role": "assistant", "content": turn["assistant"]})
             pieces.append((prompt[len(done):], 0))
-            pieces.append((segment[:end], t + 1))
-            done = prompt + segment[:end]
+            pieces.append((action, t + 1))
+            done = prompt + action
         return pieces
 
     def _tokenize(self, texts: Sequence[str]) -> dict[str, list[int]]:

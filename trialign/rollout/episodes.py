@@ -36,14 +36,13 @@ from trialign.rollout.cached_probe import probe_answers
 from trialign.rollout.sampler import (
     Generation,
     GenerationCache,
-    action_piece,
     score_actions,
     score_actions_on_cache,
 )
 from trialign.rollout.schema import answer_columns
 from trialign.rollout.simulator import UserSimulator
 from trialign.tasks.item import Item
-from trialign.tokens import end_of_turn_id, padding_id
+from trialign.tokens import action_text, end_of_turn_id, padding_id, special_token_texts
 
 
 class Sampler(Protocol):
@@ -58,7 +57,7 @@ class Action:
     text: str
     """The message text, decoded without special tokens."""
     piece: str
-    """Its template text up to and including the end-of-turn token (`trialign.rollout.sampler.action_piece`)."""
+    """Its template text up to and including the end-of-turn token (`trialign.tokens.action_text`)."""
     token_ids: list[int]
     """Tokens of `piece`: what training scores as a_t."""
     logprob: float
@@ -144,12 +143,12 @@ def to_actions(tokenizer, episodes: Sequence[_Episode], prompts: Sequence[list[i
     """The samples as actions in the template's tokens; log mu from the sampler where its tokens are the action's,
     else from a forward pass (continuing the sampler's cache when there is one)."""
     samples = generation.samples
-    end_text = tokenizer.decode([end_id])
+    specials = special_token_texts(tokenizer)
     actions: list[Action] = []
     rescore: list[int] = []
     for index, (episode, sample) in enumerate(zip(episodes, samples)):
         text = tokenizer.decode(sample.tokens, skip_special_tokens=True)
-        piece = action_piece(tokenizer, episode.messages, episode.rendered, text, end_text)
+        piece = action_text(tokenizer, episode.messages, episode.rendered, text, specials)
         ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
         sampled = sample.tokens + [end_id if sample.stop is None else sample.stop]
         if sample.logprob is None or ids != sampled:

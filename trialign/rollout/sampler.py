@@ -1,9 +1,9 @@
 """Sampling assistant messages from the behavior policy mu, and log mu of each action at temperature 1.
 
 An *action* a_t is the assistant message as the chat template writes it into the conversation: its text, up to
-and including the end-of-turn token (`action_piece`), tokenized on its own, the rule the training collator
-(`trialign.datamodules.collate`) uses. Training recomputes log pi(a_t | s_t) on exactly these tokens, so the stored
-log mu equals log pi of the untrained policy and the importance ratio pi/mu starts at 1.
+and including the end-of-turn token, tokenized on its own (`trialign.tokens.action_text`, which the training
+collator `trialign.datamodules.collate` uses too). Training recomputes log pi(a_t | s_t) on exactly these tokens,
+so the stored log mu equals log pi of the untrained policy and the importance ratio pi/mu starts at 1.
 
 log mu is taken at temperature 1 (the model's own distribution) whatever the sampling temperature: temperature
 only diversifies the data. It comes from `generate`'s raw logits (``output_logits=True``) when the sampled tokens
@@ -70,19 +70,6 @@ class Generation:
     """One message per prompt, in order."""
     cache: GenerationCache | None = None
     """The KV cache of prompts + messages, when the backend exposes it (transformers, without autocast)."""
-
-
-def action_piece(tokenizer, messages: Sequence[dict[str, str]], prompt: str, text: str, end_text: str) -> str:
-    """The template text of assistant message `text` after `messages` (whose render with the generation prompt is
-    `prompt`), up to and including its last end-of-turn token: the action a_t as training tokenizes it."""
-    full = tokenizer.apply_chat_template(
-        [*messages, {"role": "assistant", "content": text}], tokenize=False, add_generation_prompt=False
-    )
-    if not full.startswith(prompt):  # a template that re-renders earlier turns: fall back to the plain rule
-        return text + end_text
-    segment = full[len(prompt):]
-    end = segment.rfind(end_text)
-    return segment[: end + len(end_text)] if end >= 0 else segment
 
 
 @torch.inference_mode()
