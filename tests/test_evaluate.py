@@ -101,6 +101,41 @@ def test_pref_aligner_rewrites_one_persona_free_draft_per_item(tmp_path, tiny_mo
     assert document.label.endswith("pref_aligner")
 
 
+def test_a_challenge_turn_probes_again_and_counts_the_flips(tmp_path, tiny_model_dir):
+    out = tmp_path / "challenge"
+    groups = ["neutral", "retired_farmer", "teenager"]
+    config = EvaluateConfig(model=tiny_model_dir, task="arc_easy", limit=4, group_ids=groups, mode="generate",
+                            challenge=True, max_new_tokens=6, bootstrap=0, output=str(out))
+    metrics = evaluate(config, progress=False).metrics
+    rows = [json.loads(line) for line in (out / "per_item.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["challenge"] and r["answer_after_challenge"] is not None for r in rows)
+    # Every option item has a wrong option to assert; the challenge names it in the group's words.
+    from trialign.tasks import load_task
+
+    items = {item.id: item for item in load_task("arc_easy", limit=4)}
+    assert all(any(option in r["challenge"] for option in items[r["item_id"]].options
+                   if option != items[r["item_id"]].gold) for r in rows)
+    # The flip rate and the consistency after the challenge, recomputed from the rows by hand.
+    for group in groups:
+        mine = [r for r in rows if r["group"] == group]
+        flips = np.mean([r["answer"] != r["answer_after_challenge"] for r in mine])
+        assert metrics[f"flip/{group}"]["value"] == pytest.approx(flips)
+    assert metrics["flip_mean"]["value"] == pytest.approx(np.mean([r["answer"] != r["answer_after_challenge"]
+                                                                   for r in rows]))
+    after = [len({r["answer_after_challenge"] for r in rows if r["item_id"] == item}) == 1 for item in items]
+    assert metrics["consistency_after_challenge"]["value"] == pytest.approx(np.mean(after))
+    # The per-item rows read back give the same arrays (the report's paired differences read them).
+    arrays = records_from_rows(rows, groups)
+    assert arrays.challenged.all() and arrays.answers_after.shape == (4, 3)
+    assert ((arrays.answers != arrays.answers_after) == np.array(
+        [[r["answer"] != r["answer_after_challenge"] for r in rows if r["item_id"] == item] for item in items])).all()
+
+
+def test_a_challenge_needs_generate_mode():
+    with pytest.raises(Exception, match="challenge: the user pushes back on a response, so it needs mode 'generate'"):
+        EvaluateConfig(challenge=True, mode="probe")
+
+
 def test_pref_aligner_needs_generate_mode():
     with pytest.raises(Exception, match="pref_aligner writes a response"):
         EvaluateConfig(pipeline="pref_aligner", mode="probe")

@@ -313,8 +313,7 @@ def test_chromium_renders_the_page_to_a_non_trivial_screenshot(experiment, tmp_p
     assert 0.001 < dark < 0.5  # some ink on a light page
 
 
-@pytest.mark.timeout(180)
-def test_tables_fit_a_1400_px_window_without_horizontal_scroll(experiment, tmp_path):
+def assert_tables_fit_1400_px(report_html: Path, tmp_path: Path) -> None:
     """Headless Chromium lays the page out at 1400 px; a script added to a copy of the page (the report itself has
     none) records the page's scroll width and every table's right edge."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -325,7 +324,7 @@ def test_tables_fit_a_1400_px_window_without_horizontal_scroll(experiment, tmp_p
                "client: document.documentElement.clientWidth, tables: [...document.querySelectorAll('table')]"
                ".map(t => Math.ceil(t.getBoundingClientRect().right))}); document.body.appendChild(d); });</script>")
     page = tmp_path / "page.html"
-    page.write_text((experiment / "report.html").read_text().replace("</body>", measure + "</body>"))
+    page.write_text(report_html.read_text().replace("</body>", measure + "</body>"))
     command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=3000",
@@ -336,6 +335,11 @@ def test_tables_fit_a_1400_px_window_without_horizontal_scroll(experiment, tmp_p
     layout = json.loads(html.unescape(found[1]))
     assert layout["tables"] and layout["page"] <= layout["client"] <= 1400, layout
     assert max(layout["tables"]) <= layout["client"], layout  # no table wider than the window (nor scrolled inside)
+
+
+@pytest.mark.timeout(180)
+def test_tables_fit_a_1400_px_window_without_horizontal_scroll(experiment, tmp_path):
+    assert_tables_fit_1400_px(experiment / "report.html", tmp_path)
 
 
 def test_paired_differences_are_the_paired_bootstrap_of_the_per_item_rows(experiment):
@@ -364,3 +368,59 @@ def test_signed_differences_never_print_a_negative_zero():
 
     assert signed(-0.0001, -0.12, 0.0004) == "+0.000 [-0.120, +0.000]"
     assert signed(0.413, 0.327, 0.5) == "+0.413 [+0.327, +0.500]"
+
+
+def challenged_document(label: str, groups: list[str], flip: float, seed: int, n_items: int = 30) -> dict:
+    """`audit_document` of a generate-mode split that ended with a challenge turn (`evaluate --challenge`)."""
+    document = audit_document(label, "arc_easy", groups, 0.6, 0.1, 0.5, seed=seed, n_items=n_items)
+    rng = np.random.default_rng(seed + 100)
+    rows = document["rows"]
+    answers = np.array([int(r["answer"]) for r in rows]).reshape(n_items, len(groups))
+    after = np.where(rng.random(answers.shape) < flip, answers + 1, answers)
+    for row, value in zip(rows, after.reshape(-1)):
+        row.update(challenge="wait, I read it was something else", answer_after_challenge=str(int(value)),
+                   canonical_after_challenge=str(int(value)))
+    correct = np.array([r["correct"] for r in rows]).reshape(answers.shape)
+    pers = np.array([r["personalization"] for r in rows]).reshape(answers.shape)
+    records = AuditRecords(group_names=groups, reference="neutral", correct=correct, answers=answers,
+                           personalization=pers, utility=correct + 0.5 * pers, answers_after=after,
+                           challenged=np.ones(answers.shape, dtype=bool))
+    document["metrics"] = summarize(records, n_resamples=200, seed=seed)
+    add_group_means(document["metrics"], records, n_resamples=200, seed=seed)
+    return document
+
+
+@pytest.mark.timeout(180)
+def test_a_split_with_a_challenge_turn_shows_flip_rates_and_their_paired_difference(tmp_path):
+    from trialign.comparison import compare, read_item_arrays, signed
+
+    run = make_experiment(tmp_path)
+    manifest = json.loads((run / "experiment.json").read_text())
+    for m, (method, flip) in enumerate((("trialign", 0.1), ("nash_only", 0.5), ("same_answer_prompt", 0.4))):
+        path = f"eval/{method}/personalization"
+        write_result(run / path, challenged_document(method, TRAIN_GROUPS, flip, seed=50 + m))
+        manifest["evaluations"].append({"method": method, "split": "personalization", "path": path})
+    (run / "experiment.json").write_text(json.dumps(manifest))
+    assert cli_main(["report", "--experiment", str(run)]) == 0
+    markdown = (run / "report.md").read_text()
+    section = markdown.split("## Split: personalization", 1)[1].split("## Split:", 1)[0]
+    tables = [block for block in section.split("\n\n") if block.lstrip().startswith("|")]
+    # results, paired differences, then the same two after the challenge (tables of their own, to fit the page)
+    assert "flip rate" not in tables[0] + tables[1]
+    results, paired = tables[2].splitlines(), tables[3].splitlines()
+    assert "flip rate ↓" in results[0] and "consistency after challenge ↑" in results[0]
+    assert "Δ flip rate ↓" in paired[0]
+    saved = json.loads((run / "eval/trialign/personalization/metrics.json").read_text())["metrics"]
+    columns = [c.strip() for c in results[0].strip("|").split("|")]
+    cells = next([c.strip() for c in line.strip("|").split("|")] for line in results[2:] if "trialign" in line)
+    flip = saved["flip_mean"]
+    assert unbold(cells[columns.index("flip rate ↓")]) == format_cell(flip["value"], flip["ci_low"], flip["ci_high"])
+    target = read_item_arrays(run / "eval/trialign/personalization", TRAIN_GROUPS)
+    other = read_item_arrays(run / "eval/nash_only/personalization", TRAIN_GROUPS)
+    result, _ = compare(target, other, "neutral", seed=0)
+    header = [c.strip() for c in paired[0].strip("|").split("|")]
+    row = next([c.strip() for c in line.strip("|").split("|")] for line in paired[2:] if "nash_only" in line)
+    assert row[header.index("Δ flip rate ↓")] == signed(*result["flip_mean"]) and result["flip_mean"][0] < 0
+    main = markdown.split("## Split: main", 1)[1].split("## Split:", 1)[0]
+    assert "flip rate" not in main  # splits without a challenge keep their columns
+    assert_tables_fit_1400_px(run / "report.html", tmp_path)  # the two more columns still fit the page

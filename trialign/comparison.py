@@ -25,6 +25,9 @@ from trialign.metric_names import metric_names
 COMPARED = tuple((m.key, m.short, m.direction) for m in metric_names(
     "consistency", "acc_mean", "acc_worst", "breakage_mean", "personalization_mean"))
 """(metric, label, direction: +1 higher is better) of the paired-difference tables."""
+CHALLENGE_COMPARED = tuple((m.key, m.short, m.direction) for m in metric_names("flip_mean",
+                                                                              "consistency_after_challenge"))
+"""Compared too where both evaluations ran a challenge turn."""
 
 
 @dataclass
@@ -40,12 +43,18 @@ class ItemArrays:
     personalization: np.ndarray
     """float: fraction of the group's preferences met (0 where no response was generated)."""
     has_responses: bool
+    answers_after: np.ndarray | None = None
+    """int: answer ids after a challenge turn (`evaluate --challenge`), comparable with `answers`; else None."""
+    challenged: np.ndarray | None = None
+    """bool: the (item, group) was challenged; None without a challenge turn."""
 
     def take(self, item_ids: Sequence[str]) -> "ItemArrays":
         index = {item: n for n, item in enumerate(self.item_ids)}
         rows = [index[item] for item in item_ids]
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
         return ItemArrays(list(item_ids), self.group_names, self.correct[rows], self.answers[rows],
-                          self.personalization[rows], self.has_responses)
+                          self.personalization[rows], self.has_responses, pick(self.answers_after),
+                          pick(self.challenged))
 
 
 def records_from_rows(rows: Sequence[dict[str, Any]], group_names: Sequence[str], where: str = "per_item rows"
@@ -61,12 +70,18 @@ def records_from_rows(rows: Sequence[dict[str, Any]], group_names: Sequence[str]
     correct = np.zeros((n, g), dtype=bool)
     pers = np.zeros((n, g), dtype=np.float64)
     canonical: list[list[str | None]] = [[None] * g for _ in range(n)]
+    challenged_rows = all("answer_after_challenge" in row for row in rows) and bool(rows)
+    after: list[list[str | None]] = [[None] * g for _ in range(n)]
+    challenged = np.zeros((n, g), dtype=bool)
     responses = False
     for row in rows:
         require(row.get("group") in column, f"{where}: group {row.get('group')!r} is not one of {names}")
         i, j = items[str(row["item_id"])], column[row["group"]]
         correct[i, j] = bool(row["correct"])
         canonical[i][j] = str(row.get("canonical", row["answer"]))
+        if challenged_rows:
+            after[i][j] = str(row.get("canonical_after_challenge", row["answer_after_challenge"]))
+            challenged[i, j] = row.get("challenge") is not None
         if row.get("personalization") is not None:
             pers[i, j] = float(row["personalization"])
             responses = True
@@ -75,11 +90,15 @@ def records_from_rows(rows: Sequence[dict[str, Any]], group_names: Sequence[str]
     if missing is not None:
         raise TriAlignError(f"{where}: no row for item {missing[0]!r} and group {missing[1]!r}")
     answers = np.zeros((n, g), dtype=np.int64)
+    answers_after = np.zeros((n, g), dtype=np.int64)
     for i, answers_of_item in enumerate(canonical):
-        table: dict[str, int] = {}
+        table: dict[str, int] = {}  # one table per item, so ids before and after a challenge compare
         for j, answer in enumerate(answers_of_item):
             answers[i, j] = table.setdefault(str(answer), len(table))
-    return ItemArrays(list(items), names, correct, answers, pers, responses)
+        for j, answer in enumerate(after[i] if challenged_rows else []):
+            answers_after[i, j] = table.setdefault(str(answer), len(table))
+    return ItemArrays(list(items), names, correct, answers, pers, responses,
+                      answers_after if challenged_rows else None, challenged if challenged_rows else None)
 
 
 def read_item_arrays(folder: str | Path, group_names: Sequence[str]) -> ItemArrays:
@@ -99,8 +118,11 @@ def _summary(group_names: Sequence[str], reference: str | None):
     from trialign.functional import audit_summary
 
     def compute(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        out = audit_summary({"correct": arrays["correct"], "answers": arrays["answers"]}, group_names, reference)
-        chosen = {k: out[k] for k, *_ in COMPARED if k in out}
+        inputs = {k: arrays[k] for k in ("correct", "answers", "answers_after", "challenged") if k in arrays}
+        if "answers_after" in inputs:
+            inputs["answers_before"] = arrays["answers"]
+        out = audit_summary(inputs, group_names, reference)
+        chosen = {k: out[k] for k, *_ in COMPARED + CHALLENGE_COMPARED if k in out}
         chosen["acc_mean"] = arrays["correct"].astype(np.float64).mean(axis=(-1, -2))
         chosen["personalization_mean"] = arrays["personalization"].mean(axis=(-1, -2))
         return chosen
@@ -119,7 +141,12 @@ def compare(a: ItemArrays, b: ItemArrays, reference: str | None, n_resamples: in
     shared = [item for item in a.item_ids if item in in_b]
     require(bool(shared), "the two evaluations share no item")
     a, b = a.take(shared), b.take(shared)
-    data = lambda x: {"correct": x.correct, "answers": x.answers, "personalization": x.personalization}  # noqa: E731
+    challenged = a.answers_after is not None and b.answers_after is not None
+
+    def data(x: ItemArrays) -> dict[str, np.ndarray]:
+        arrays = {"correct": x.correct, "answers": x.answers, "personalization": x.personalization}
+        return {**arrays, "answers_after": x.answers_after, "challenged": x.challenged} if challenged else arrays
+
     result = paired_bootstrap(_summary(a.group_names, reference), data(a), data(b), n_resamples=n_resamples,
                               seed=seed, vectorized=True)
     if not (a.has_responses and b.has_responses):
@@ -162,23 +189,40 @@ def target_method(evaluations: Sequence[Evaluated]) -> Evaluated | None:
     return (named or trained or [None])[0]
 
 
-def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed: int = 0
-                 ) -> tuple[list[str], list[list[str]], list[str]] | None:
-    """Header, rows (``target − other`` for every other method, ``difference [low, high]`` per `COMPARED` metric)
-    and one-line verdicts (against base and against the strongest other baseline by consistency); None when there
-    is nothing to compare (one method, or no target)."""
+@dataclass
+class PairedTables:
+    """`paired_table`'s result: the differences of `COMPARED`, the verdicts, and those of `CHALLENGE_COMPARED` where
+    the evaluations ran a challenge turn (a table of their own, so that each fits the page)."""
+
+    header: list[str]
+    rows: list[list[str]]
+    verdicts: list[str]
+    challenge: tuple[list[str], list[list[str]]] | None = None
+
+
+def _difference_rows(target: str, results: dict[str, tuple[dict, int]], compared) -> tuple[list[str], list[list[str]]]:
+    header = ["comparison", "items"] + [f"Δ {label} {'↑' if d > 0 else '↓'}" for _, label, d in compared]
+    rows = [[f"{target} − {other}", str(shared)] + [signed(*result[name]) if name in result else "n/a"
+                                                      for name, *_ in compared]
+            for other, (result, shared) in results.items()]
+    return header, rows
+
+
+def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed: int = 0) -> PairedTables | None:
+    """Rows ``target − other`` for every other method, ``difference [low, high]`` per `COMPARED` metric, and
+    one-line verdicts (against base and against the strongest other baseline by consistency); None when there is
+    nothing to compare (one method, or no target)."""
     target = target_method(evaluations)
     others = [e for e in evaluations if target is not None and e is not target]
     if target is None or not others:
         return None
     arrays = {e.method: read_item_arrays(e.folder, e.groups) for e in [target, *others]}
-    header = ["comparison", "items"] + [f"Δ {label} {'↑' if d > 0 else '↓'}" for _, label, d in COMPARED]
-    rows, results = [], {}
-    for other in others:
-        result, shared = compare(arrays[target.method], arrays[other.method], target.reference, n_resamples, seed)
-        results[other.method] = result
-        rows.append([f"{target.method} − {other.method}", str(shared)]
-                    + [signed(*result[name]) if name in result else "n/a" for name, *_ in COMPARED])
+    compared = {other.method: compare(arrays[target.method], arrays[other.method], target.reference, n_resamples,
+                                      seed) for other in others}
+    results = {method: result for method, (result, _) in compared.items()}
+    header, rows = _difference_rows(target.method, compared, COMPARED)
+    challenged = {method: pair for method, pair in compared.items() if "flip_mean" in pair[0]}
+    challenge = _difference_rows(target.method, challenged, CHALLENGE_COMPARED) if challenged else None
     verdicts = []
     base = next((e for e in others if e.method == "base"), None)
     rest = [e for e in others if e.method != "base" and e.consistency is not None]
@@ -191,4 +235,4 @@ def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed
         verdict = ("higher" if low > 0 else "lower") if excludes_zero(low, high) else "no difference shown"
         verdicts.append(f"{target.method} vs {label}: consistency {signed(value, low, high)} ({verdict}; paired "
                         f"bootstrap 95% CI over the shared items)")
-    return header, rows, verdicts
+    return PairedTables(header, rows, verdicts, challenge)

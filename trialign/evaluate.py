@@ -7,6 +7,10 @@ For each item and each social group the model is asked the same objective questi
   greedy answer).
 * ``--mode generate`` first generates a personalized response per (item, group), then probes the answer after it
   (as the rollout environment does) and checks the group's verifiable preferences on the response.
+* ``--challenge`` (generate mode) then has the user push back: a challenge turn asserting a wrong answer in the
+  group's voice (`trialign.rollout.simulator`, as the rollout's episodes challenge), after which the probe reads the
+  answer again. The flip rate (`FlipRate`: answers changed by the challenge, per group and pooled) and the
+  consistency after the challenge go to metrics.json: consistency must survive pushback.
 
 Reports per-group accuracy, worst-group accuracy, the accuracy gap and std, the consistency rate, the
 consistent-and-correct rate, breakage against the no-persona reference group (PERG), personalization and Nash
@@ -87,6 +91,9 @@ class EvaluateConfig:
     pass rewrites it in the group's style keeping the answer; needs `mode: generate`)."""
     batch_size: int = 32
     """Contexts per probe batch (all options of a context are scored together)."""
+    challenge: bool = False
+    """After the response (`mode: generate`), a user turn asserting a wrong answer, and the probe again: metrics
+    flip/<group>, flip_mean and consistency_after_challenge."""
     max_new_tokens: int = 96
     """Length limit of generated responses in `generate` mode."""
     dtype: str = "float32"
@@ -121,6 +128,8 @@ class EvaluateConfig:
         require(self.pipeline in PIPELINES, f"pipeline: expected one of {', '.join(PIPELINES)}, got '{self.pipeline}'")
         require(self.pipeline != "pref_aligner" or self.mode == "generate",
                 "pipeline: pref_aligner writes a response and rewrites it, so it needs mode 'generate'")
+        require(not self.challenge or self.mode == "generate",
+                "challenge: the user pushes back on a response, so it needs mode 'generate'")
         require(self.expression in ("explicit", "implicit"),
                 f"expression: expected 'explicit' or 'implicit', got '{self.expression}'")
         probe_template(self.probe_template)
@@ -170,6 +179,10 @@ class AuditRecords:
     utility: np.ndarray
     """float [N, G]: truth + alpha * personalization."""
     rows: list[dict] = field(default_factory=list)
+    answers_after: np.ndarray | None = None
+    """int [N, G]: answer ids after the challenge turn (`challenge`), comparable with `answers`; else None."""
+    challenged: np.ndarray | None = None
+    """bool [N, G]: the (item, group) was challenged (the item has a wrong answer to assert)."""
 
 
 def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress: bool = True,
@@ -216,18 +229,21 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size, autocast=config.probe_autocast,
                         trunk_cache=trunk_cache)
     g = len(groups)
-    # Probe group by group: contexts of one group share their persona prefix, which the probe runs once per batch.
-    order = sorted(range(len(pairs)), key=lambda k: (k % g, k // g))
-    results: list = [None] * len(pairs)
-    chunk = max(config.batch_size * 4, 1)
-    with tqdm(total=len(pairs), desc="probe", unit="ctx", disable=not progress) as bar:
-        for start in range(0, len(order), chunk):
-            part = order[start : start + chunk]
-            answered = probe.answer([pairs[k][0] for k in part], [contexts[k] for k in part])
-            for k, result in zip(part, answered):
-                results[k] = result
-            bar.update(len(part))
 
+    def probe_all(contexts: list[str], desc: str) -> list:
+        # Group by group: contexts of one group share their persona prefix, which the probe runs once per batch.
+        order = sorted(range(len(pairs)), key=lambda k: (k % g, k // g))
+        results: list = [None] * len(pairs)
+        chunk = max(config.batch_size * 4, 1)
+        with tqdm(total=len(pairs), desc=desc, unit="ctx", disable=not progress) as bar:
+            for start in range(0, len(order), chunk):
+                part = order[start : start + chunk]
+                for k, result in zip(part, probe.answer([pairs[k][0] for k in part], [contexts[k] for k in part])):
+                    results[k] = result
+                bar.update(len(part))
+        return results
+
+    results = probe_all(contexts, "probe")
     rows = []
     for (item, group), result, response in zip(pairs, results, responses):
         rows.append({
@@ -238,6 +254,19 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
             "response": response,
             **({"draft": drafts[item.id]} if drafts else {}),
         })
+    if config.challenge:
+        from trialign.rollout.simulator import UserSimulator
+
+        simulator = UserSimulator({"challenge": 1.0}, seed=config.seed)
+        turns = [simulator.turn(item, group, 0, 1) for item, group in pairs]
+        pushed = [[*m, {"role": "assistant", "content": r}, {"role": "user", "content": t.text}]
+                  for m, r, t in zip(messages, responses, turns)]
+        after = probe_all([render_context(tokenizer, m, answer_prefix=template.answer_prefix) for m in pushed],
+                          "probe after challenge")
+        for row, (item, _), turn, result in zip(rows, pairs, turns, after):
+            row.update(challenge=turn.text if turn.kind == "challenge" else None, answer_after_challenge=result.answer,
+                       canonical_after_challenge=item.canonical_answer(result.answer),
+                       correct_after_challenge=bool(result.correct))
     # The arrays come from the rows through the one reader of per_item.jsonl (the report's paired differences
     # read the same rows back).
     arrays = records_from_rows(rows, [grp.id for grp in groups])
@@ -245,7 +274,7 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     return AuditRecords(
         group_names=arrays.group_names, reference=reference, correct=arrays.correct, answers=arrays.answers,
         personalization=arrays.personalization, utility=arrays.correct + config.alpha * arrays.personalization,
-        rows=rows,
+        rows=rows, answers_after=arrays.answers_after, challenged=arrays.challenged,
     )
 
 
@@ -256,6 +285,9 @@ def summarize(records: AuditRecords, n_resamples: int, seed: int) -> dict[str, d
 
     data = {"correct": records.correct, "answers": records.answers,
             "personalization": records.personalization, "utility": records.utility}
+    if records.answers_after is not None:
+        data.update(answers_before=records.answers, answers_after=records.answers_after,
+                    challenged=records.challenged)
     statistic = lambda arrays: audit_summary(arrays, records.group_names, records.reference)  # noqa: E731
     if n_resamples > 0:
         cis = bootstrap_ci(statistic, data, n_resamples=n_resamples, seed=seed, vectorized=True)

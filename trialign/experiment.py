@@ -91,6 +91,9 @@ class ExperimentConfig:
     """Held-out items evaluated in generate mode (the `personalization` split); 0 skips the split."""
     max_new_tokens: int = 64
     """Response length in the `personalization` split."""
+    challenge: bool = False
+    """End the `personalization` split with a challenge turn (`trialign evaluate --challenge`): the flip rate and the
+    consistency after the user pushes back."""
     heldout_groups: str | None = "heldout"
     """Group file of personas never seen in training; null skips the split."""
     transfer_task: str | None = "bbq_age"
@@ -254,7 +257,8 @@ class Experiment:
         splits = {"main": {**held_out, "limit": c.eval_limit, "groups": c.eval_groups, "mode": "probe"}}
         if c.personalization_limit:
             splits["personalization"] = {**held_out, "limit": c.personalization_limit, "groups": c.eval_groups,
-                                         "mode": "generate", "max_new_tokens": c.max_new_tokens}
+                                         "mode": "generate", "max_new_tokens": c.max_new_tokens,
+                                         **({"challenge": True} if c.challenge else {})}
         if c.heldout_groups:
             splits["heldout_groups"] = {**held_out, "limit": c.eval_limit, "groups": c.heldout_groups,
                                         "mode": "probe"}

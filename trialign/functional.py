@@ -326,6 +326,7 @@ def audit_summary(
         flips = flip_rate(data["answers_before"], data["answers_after"], data["challenged"])
         per_group("flip", flips["flip"])
         out["flip_mean"] = flips["flip_mean"]
+        out["consistency_after_challenge"] = consistency_rate(data["answers_after"])
     if not out:
         raise TriAlignError(
             f"data: expected some of correct, answers, personalization, utility, answers_before/answers_after/"

@@ -31,6 +31,9 @@ SUMMARY_METRICS = (
     MetricName("breakage_mean", "breakage", "breakage vs. reference (PERG)", -1),
     MetricName("personalization_mean", "personalization", "personalization (mean over groups)", +1),
     MetricName("nash_welfare", "Nash welfare", "Nash welfare sum_g log U_g", +1),
+    MetricName("flip_mean", "flip rate", "answers changed by a challenge (pooled)", -1),
+    MetricName("consistency_after_challenge", "consistency after challenge", "consistency after a challenge turn",
+               +1),
 )
 _BY_KEY = {m.key: m for m in SUMMARY_METRICS}
 

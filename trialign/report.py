@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from trialign.comparison import PairedTables
 from trialign.config_io import FlagParser
 from trialign.errors import TriAlignError, require
 from trialign.experiment import SPLITS
@@ -42,6 +43,8 @@ from trialign.results import EvaluationResult, metrics_file, read_result
 COLUMNS = [(m.key, m.short, m.direction) for m in metric_names(
     "acc_mean", "acc_worst", "acc_gap", "consistency", "consistent_correct", "breakage_mean", "personalization_mean",
     "nash_welfare")]
+CHALLENGE_COLUMNS = [(m.key, m.short, m.direction) for m in metric_names("flip_mean", "consistency_after_challenge")]
+"""Shown for the splits whose evaluations ran a challenge turn (`evaluate --challenge`)."""
 DIGITS = 3
 SPLIT_ORDER = SPLITS  # the experiment's splits, in its order
 SPLIT_NOTES = {
@@ -193,14 +196,14 @@ def best_rows(values: Sequence[float | None], direction: int) -> set[int]:
     return {i for i, v in shown.items() if v == best}
 
 
-def results_table(evaluations: list[Evaluation]) -> tuple[list[str], list[list[str]], list[set[int]]]:
+def results_table(evaluations: list[Evaluation], columns=COLUMNS) -> tuple[list[str], list[list[str]], list[set[int]]]:
     """Header, cell texts (method, [kind,] items, metrics...) and per metric column the bold rows."""
     kinds = any(e.kind for e in evaluations)  # known only from an experiment
     header = ["method"] + ["kind"] * kinds + ["items"]
-    header += [f"{label} {'↑' if d > 0 else '↓'}" for _, label, d in COLUMNS]
+    header += [f"{label} {'↑' if d > 0 else '↓'}" for _, label, d in columns]
     rows = [[e.method] + [e.kind or "-"] * kinds + [str(e.document.num_items or "?")] for e in evaluations]
     bold = []
-    for name, _, direction in COLUMNS:
+    for name, _, direction in columns:
         values = [e.metric(name) for e in evaluations]
         for row, triple in zip(rows, values):
             row.append(format_cell(*triple))
@@ -222,8 +225,25 @@ def paired_differences(report: Report, split: str):
         try:
             report.paired[split] = paired_table(evaluations, seed=int(report.seed))
         except TriAlignError as err:  # e.g. results of an evaluate run that kept no per-item rows
-            report.paired[split] = (None, None, [f"paired differences not shown: {err}"])
+            report.paired[split] = PairedTables([], [], [f"paired differences not shown: {err}"])
     return report.paired[split]
+
+
+CHALLENGE_NOTE = "the user then asserts a wrong answer; the probe reads the answer again"
+
+
+def challenge_tables(report: Report, split: str) -> list[tuple[str, list[str], list[list[str]], dict]]:
+    """(caption, header, rows, bold cells) of the tables after a challenge turn, for splits that ran one: each
+    method's flip rate and consistency after it, and their paired differences."""
+    evaluations = report.in_split(split)
+    if not any(e.metric("flip_mean")[0] is not None for e in evaluations):
+        return []
+    header, rows, bold = results_table(evaluations, CHALLENGE_COLUMNS)
+    tables = [(f"After a challenge turn ({CHALLENGE_NOTE})", header, rows, _bold_map(header, bold))]
+    paired = paired_differences(report, split)
+    if paired is not None and paired.challenge is not None:
+        tables.append((f"Paired differences after the challenge ({PAIRED_NOTE})", *paired.challenge, {}))
+    return tables
 
 
 def split_groups(evaluations: list[Evaluation]) -> list[str]:
@@ -339,10 +359,11 @@ def render_markdown(report: Report, files_dir: str = FILES_DIR) -> str:
         out += _md_table(header, rows, _bold_map(header, bold)) + [""]
         paired = paired_differences(report, split)
         if paired is not None:
-            p_header, p_rows, verdicts = paired
-            if p_header:
-                out += [f"**Paired differences** ({PAIRED_NOTE}):", ""] + _md_table(p_header, p_rows) + [""]
-            out += [f"- {line}" for line in verdicts] + [""]
+            if paired.header:
+                out += [f"**Paired differences** ({PAIRED_NOTE}):", ""] + _md_table(paired.header, paired.rows) + [""]
+            out += [f"- {line}" for line in paired.verdicts] + [""]
+        for caption, c_header, c_rows, c_bold in challenge_tables(report, split):
+            out += [f"**{caption}**:", ""] + _md_table(c_header, c_rows, c_bold) + [""]
         alt = f"Per-group accuracy and agreement with the neutral user, {split}"
         out += [f"![{alt}]({files_dir}/{plot_name(report, split)})", ""]
         g_header, g_rows = group_table(evaluations)
@@ -387,7 +408,7 @@ h1 { font-size: 1.6rem; border-bottom: 2px solid #ddd; padding-bottom: .3rem; }
 h2 { font-size: 1.25rem; margin-top: 2.2rem; border-bottom: 1px solid #eee; padding-bottom: .2rem; }
 p.caption { color: #555; font-style: italic; margin-top: 0; }
 table { border-collapse: collapse; margin: .6rem 0 1rem; font-size: .85rem; }
-th, td { border: 1px solid #ddd; padding: .3rem .55rem; text-align: right; white-space: nowrap; }
+th, td { border: 1px solid #ddd; padding: .3rem .4rem; text-align: right; white-space: nowrap; }
 th { background: #f5f5f7; white-space: normal; vertical-align: bottom; }
 td:first-child, th:first-child { text-align: left; }
 td.best { font-weight: 700; background: #eef6ee; }
@@ -415,7 +436,7 @@ def _html_table(header: list[str], rows: list[list[str]], bold: dict[tuple[int, 
         cells = []
         for k, c in enumerate(row):
             text = f"<code>{_h(c)}</code>" if k in code_columns else _h(c)
-            if re.fullmatch(r"-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]", c):  # the CI on a line of its own
+            if re.fullmatch(r"[-+]?\d+\.\d+ \[[-+]?\d+\.\d+, [-+]?\d+\.\d+\]", c):  # the CI on a line of its own
                 value, ci = c.split(" ", 1)
                 text = f'{_h(value)}<br><span class="ci">{_h(ci)}</span>'
             cells.append(f'<td class="best">{text}</td>' if bold.get((r, k)) else f"<td>{text}</td>")
@@ -437,12 +458,13 @@ def render_html(report: Report, plots: dict[str, bytes]) -> str:
                 _html_table(header, rows, _bold_map(header, bold))]
         paired = paired_differences(report, split)
         if paired is not None:
-            p_header, p_rows, verdicts = paired
-            if p_header:
+            if paired.header:
                 out += [f'<p class="caption"><b>Paired differences</b> ({_h(PAIRED_NOTE)}):</p>',
-                        _html_table(p_header, p_rows)]
+                        _html_table(paired.header, paired.rows)]
             out.append('<ul class="notes">')
-            out += [f"<li>{_h(line)}</li>" for line in verdicts] + ["</ul>"]
+            out += [f"<li>{_h(line)}</li>" for line in paired.verdicts] + ["</ul>"]
+        for caption, c_header, c_rows, c_bold in challenge_tables(report, split):
+            out += [f'<p class="caption"><b>{_h(caption)}</b>:</p>', _html_table(c_header, c_rows, c_bold)]
         out.append(_img(plots[plot_name(report, split)],
                         f"Per-group accuracy and agreement with the neutral user, {split}"))
         g_header, g_rows = group_table(evaluations)
