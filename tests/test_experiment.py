@@ -70,6 +70,16 @@ def test_evaluation_starts_after_the_states_and_asks_with_the_rollouts_template(
     assert {s["probe_template"] for s in splits.values()} == {"system_persona"}
 
 
+def test_challenge_ends_only_the_personalization_split_with_a_challenge_turn(tmp_path):
+    path = str(tiny_experiment(tmp_path, "some/model", tmp_path / "out"))
+    assert not any("challenge" in s for s in Experiment(parse_config(["--config", path])).splits().values())
+    splits = Experiment(parse_config(["--config", path, "--set", "challenge=true"])).splits()
+    assert [name for name, s in splits.items() if s.get("challenge")] == ["personalization"]
+    from trialign.evaluate import EvaluateConfig
+
+    EvaluateConfig(**splits["personalization"])  # a valid evaluate config (generate mode)
+
+
 @pytest.mark.parametrize(("override", "expected"), [
     ("training_free=[oracle]", "training_free: unknown baseline(s) oracle"),
     ("methods={x: missing.yaml}", "methods.x: config file missing.yaml not found"),
