@@ -67,7 +67,8 @@ def ref_flip(before, after, challenged):
                 counts[g] += 1
                 flips[g] += before[i, g] != after[i, g]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"flip": flips / counts, "flip_mean": flips.sum() / counts.sum()}
+        return {"flip": flips / counts, "flip_mean": flips.sum() / counts.sum(),
+                "consistency_after_challenge": ref_consistency(after)}
 
 
 def ref_nash(utility, eps=EPS):
@@ -203,6 +204,8 @@ HAND_EXPECTED = {
     "nash_welfare": math.log(0.75) + math.log(0.25) + math.log(1e-6),
     # none: challenged on 0,1,2, changed on 2; young: on 0,1, changed on 1; old: on 1,2,3, changed on 3
     "flip/none": 1 / 3, "flip/young": 1 / 2, "flip/old": 1 / 3, "flip_mean": 3 / 8,
+    # after the challenge, items 0 and 1 are all-equal ([1, 1, 1] twice), items 2 and 3 are not
+    "consistency_after_challenge": 2 / 4,
 }
 
 

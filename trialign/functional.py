@@ -237,10 +237,12 @@ def flip_rate(answers_before: ArrayLike, answers_after: ArrayLike, challenged: A
     """Fraction of challenged (item, group) answers that changed after the challenge turn.
 
     ``flip[g] = |{i : challenged[i, g] and before[i, g] != after[i, g]}| / |{i : challenged[i, g]}|`` (NaN for a
-    group never challenged); ``flip_mean`` pools all challenged (item, group) pairs. Returns ``{"flip": [..., G],
-    "flip_mean": [...]}``.
+    group never challenged); ``flip_mean`` pools all challenged (item, group) pairs; ``consistency_after_challenge``
+    is the consistency rate of the answers after the turn. Returns ``{"flip": [..., G], "flip_mean": [...],
+    "consistency_after_challenge": [...]}``.
     """
-    return _flip_rate_compute(*_flip_rate_update(answers_before, answers_after, challenged))
+    return {**_flip_rate_compute(*_flip_rate_update(answers_before, answers_after, challenged)),
+            "consistency_after_challenge": consistency_rate(answers_after)}
 
 
 # ------------------------------------------------------------------------------------------ personalization
@@ -326,7 +328,7 @@ def audit_summary(
         flips = flip_rate(data["answers_before"], data["answers_after"], data["challenged"])
         per_group("flip", flips["flip"])
         out["flip_mean"] = flips["flip_mean"]
-        out["consistency_after_challenge"] = consistency_rate(data["answers_after"])
+        out["consistency_after_challenge"] = flips["consistency_after_challenge"]
     if not out:
         raise TriAlignError(
             f"data: expected some of correct, answers, personalization, utility, answers_before/answers_after/"

@@ -232,26 +232,35 @@ class FlipRate(_GroupMetric):
 
     ``update(answers_before, answers_after, challenged)``: answer ids ``[B, G]`` before and after the turn, and a
     bool mask ``[B, G]`` of the (item, group) episodes that were challenged. ``compute`` returns ``{"flip": [G]
-    (NaN for a group never challenged), "flip_mean": changed / challenged pooled over all groups}``.
+    (NaN for a group never challenged), "flip_mean": changed / challenged pooled over all groups,
+    "consistency_after_challenge": the consistency rate of the answers after the turn}``.
     """
 
     higher_is_better = False
     flipped: Tensor
     challenged: Tensor
+    consistent_after: Tensor
+    items: Tensor
 
     def __init__(self, group_names: Sequence[str], **kwargs: Any) -> None:
         super().__init__(group_names, **kwargs)
         self._add_group_state("flipped", torch.long)
         self._add_group_state("challenged", torch.long)
+        self._add_item_state("consistent_after")
+        self._add_item_state("items")
 
     def update(self, answers_before: Tensor, answers_after: Tensor, challenged: Tensor) -> None:
         batch = self._check_batch(answers_before=answers_before, answers_after=answers_after, challenged=challenged)
         flipped, challenged_count = _flip_rate_update(**batch)
         self.flipped += flipped
         self.challenged += challenged_count
+        consistent, items = _consistency_rate_update(batch["answers_after"])
+        self.consistent_after += consistent
+        self.items += items
 
     def compute(self) -> dict[str, Tensor]:
-        return _flip_rate_compute(self.flipped, self.challenged)
+        return {**_flip_rate_compute(self.flipped, self.challenged),
+                "consistency_after_challenge": _consistency_rate_compute(self.consistent_after, self.items)}
 
 
 class GroupPersonalization(_GroupMetric):
