@@ -45,8 +45,36 @@ def class_path(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def merged(config: Path) -> dict:
+    """The settings a method config ends up with: its `base:` chain merged key by key, later files winning."""
+    from trialign.config_io import config_chain
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = merge(a[key], value) if isinstance(value, dict) and isinstance(a.get(key), dict) and \
+                "class_path" not in value else value
+        return out
+
+    result: dict = {}
+    for _, settings in config_chain(config):
+        result = merge(result, settings)
+    return result
+
+
+def test_every_method_config_builds_on_the_shared_base():
+    from trialign.config_io import config_chain
+
+    for config in METHOD_CONFIGS:
+        chain = [path.resolve() for path, _ in config_chain(config)]
+        assert chain == [(CONFIGS / "method_base.yaml").resolve(), config.resolve()], config
+        own = yaml.safe_load(config.read_text())
+        assert "data" not in own and "lora" not in own["model"]  # said once, in the base
+
+
 def test_every_shipped_yaml_is_covered_by_a_test():
     covered = set(METHOD_CONFIGS) | set(COMPONENT_CONFIGS) | set((CONFIGS / "strategy").glob("*.yaml"))
+    covered.add(CONFIGS / "method_base.yaml")
     shipped = {p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in READ_BY_OTHER_COMMANDS}
     assert shipped == covered
     assert {p.stem for p in (CONFIGS / "baselines").glob("*.yaml")} == set(BASELINES)
@@ -55,12 +83,12 @@ def test_every_shipped_yaml_is_covered_by_a_test():
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: p.stem)
 def test_method_config_parses_and_builds_its_components(config, data_dir, tmp_path):
     cli = parse(config, data_dir, tmp_path)
-    raw = yaml.safe_load(config.read_text())["model"]
+    raw = merged(config)["model"]
     for kind in COMPONENT_KINDS:
         assert class_path(type(getattr(cli.model, kind))) == raw[kind]["class_path"], kind
     assert cli.model.group_names == ["neutral", "teen", "farmer"]  # linked from the data
     assert cli.datamodule.tokenizer_source == raw["model"]  # linked from the model
-    assert cli.trainer.max_steps == yaml.safe_load(config.read_text())["trainer"]["max_steps"]
+    assert cli.trainer.max_steps == merged(config)["trainer"]["max_steps"]
     assert cli.model.adapter_dir == str(tmp_path / "adapter")
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
 
@@ -157,3 +185,31 @@ def test_reference_group_missing_from_the_data_is_a_one_line_error(data_dir, tmp
     assert done.stderr.strip().splitlines()[-1] == (
         "trialign validate: error: model.reference_group: 'nobody' is not one of the data's groups "
         "['neutral', 'teen', 'farmer']")
+
+
+def test_an_overlay_overrides_its_base_key_by_key(data_dir, tmp_path):
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text(f"base: {CONFIGS / 'trialign.yaml'}\ntrainer:\n  max_steps: 7\nmodel:\n  penalty_coef: 2.5\n")
+    cli = parse(overlay, data_dir, tmp_path)  # a chain of three: method_base -> trialign -> mine
+    assert cli.trainer.max_steps == 7 and cli.model.penalty_coef == 2.5
+    assert type(cli.model.aggregator).__name__ == "NashSocialWelfare" and cli.model.context_kl_coef == 1.0
+    assert cli.trainer.gradient_clip_val == 1.0  # from the shared base
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "base 'nowhere.yaml' not found"),
+    ("loop", "its 'base' chain loops back to it"),
+    ("not_a_path", "'base' must be a path to another config file, got 3"),
+])
+def test_a_bad_base_is_a_one_line_error_naming_the_file(tmp_path, case, message):
+    config = tmp_path / "a.yaml"
+    if case == "missing":
+        config.write_text("base: nowhere.yaml\n")
+    elif case == "loop":
+        config.write_text("base: b.yaml\n")
+        (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    else:
+        config.write_text("base: 3\n")
+    result = run_trialign("fit", "--config", str(config), cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0] and "a.yaml" in lines[0], lines

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
+import os
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping, TypeVar
@@ -50,6 +51,28 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TriAlignError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
     return data
+
+
+def config_chain(path: str | Path, _seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """A config file and the files it builds on, base first: ``[(file, its settings without 'base'), ...]``.
+
+    A file may name another as ``base: <path>`` (relative to its own folder): its settings are then the base's,
+    overridden by its own (later ``--config`` files override earlier ones, key by key). Method configs share the
+    trainer, data, LoRA and optimizer blocks of `configs/method_base.yaml` this way, so a method's file says only how
+    it differs. A missing base or a loop is a one-line error naming the file."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    if path.resolve() in _seen:
+        raise TriAlignError(f"config file {path}: its 'base' chain loops back to it")
+    base = data.pop("base", None)
+    if base is None:
+        return [(path, data)]
+    if not isinstance(base, str) or not base:
+        raise TriAlignError(f"config file {path}: 'base' must be a path to another config file, got {base!r}")
+    base_path = Path(os.path.normpath(path.parent / base))
+    if not base_path.is_file():
+        raise TriAlignError(f"config file {path}: base {base!r} not found (looked for {base_path})")
+    return [*config_chain(base_path, (*_seen, path.resolve())), (path, data)]
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:

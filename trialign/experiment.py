@@ -361,8 +361,12 @@ class Experiment:
             found["model_weights"] = manifest.weights_fingerprint
             found["rollout_shards"] = {entry.file: sha256_file(self.out / "rollout" / entry.file)
                                        for entry in manifest.shards}
-        files = [self.config.rollout_config, *self.config.methods.values()]
-        found["config_files"] = {path: sha256_file(path) for path in files}
+        from trialign.config_io import config_chain
+
+        # A method's config and the files it builds on (`base:`): a change to the shared base changes every method.
+        files = [self.config.rollout_config, *(str(path) for config in self.config.methods.values()
+                                               for path, _ in config_chain(config))]
+        found["config_files"] = {path: sha256_file(path) for path in dict.fromkeys(files)}
         return found
 
 

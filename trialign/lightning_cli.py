@@ -4,7 +4,8 @@ Configs are parsed in omegaconf mode, so a YAML can interpolate values (``${mode
 resolved when its file is read, so command-line overrides do not reach it.
 Components are swapped by class_path, from a file or inline:
 ``--model.aggregator configs/components/aggregator/maxmin.yaml``. Several ``--config`` files merge in order
-(``--config configs/trialign.yaml --config configs/strategy/ddp_cpu.yaml``).
+(``--config configs/trialign.yaml --config configs/strategy/ddp_cpu.yaml``), and a file may build on another with
+``base: <path>`` (`expand_config_files`): every method config builds on `configs/method_base.yaml`.
 
 Bad input is one line on stderr and exit status 2: the parser is told not to exit, and its error (an unknown
 class_path, a wrong type, a missing file) becomes a `TriAlignError`.
@@ -163,7 +164,7 @@ def make_cli(args: Sequence[str], run: bool = True, cli_class: type[TriAlignCLI]
     return cli_class(
         TriAlignModule,
         GroupTrajectoryDataModule,
-        args=list(args),
+        args=expand_config_files(args),
         run=run,
         parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
         trainer_defaults=TRAINER_DEFAULTS,
@@ -180,7 +181,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # LightningCLI warns when `args` is given while sys.argv holds arguments too; here they are the same ones, and
     # sys.argv must stay as it is: DDP's launcher starts the other ranks with it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    _check_config_files(argv)
     try:
         make_cli(argv)
     except ArgumentError as err:
@@ -193,20 +193,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _check_config_files(argv: list[str]) -> None:
-    """Each ``--config`` file exists and holds a YAML mapping, or a one-line error names it (and the line): the
-    parser's own report of a YAML error shows neither the file nor, for a missing one, the option."""
-    from trialign.config_io import read_yaml_mapping
+def expand_config_files(argv: Sequence[str]) -> list[str]:
+    """`argv` with each ``--config`` file checked and its ``base`` chain spelled out (`config_io.config_chain`):
+    ``--config overlay.yaml`` becomes ``--config base.yaml --config <overlay's settings>``, the overlay given inline
+    without its ``base`` key (jsonargparse reads a config from a path or from YAML text). A missing or malformed
+    file is a one-line error naming it (and the line): the parser's own report shows neither the file nor, for a
+    missing one, the option."""
+    import yaml
 
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            value = argv[i + 1]
+    from trialign.config_io import config_chain
+
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
         elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
+            value, i = arg.split("=", 1)[1], i + 1
         else:
+            out.append(arg)
+            i += 1
             continue
-        if Path(value).expanduser().is_file() or value.endswith((".yaml", ".yml", ".json")):
-            read_yaml_mapping(Path(value).expanduser())
+        if not (Path(value).expanduser().is_file() or value.endswith((".yaml", ".yml", ".json"))):
+            out += ["--config", value]  # inline YAML text
+            continue
+        chain = config_chain(Path(value).expanduser())
+        if len(chain) == 1:
+            out += ["--config", value]  # as given, so the parser resolves the file's relative paths as before
+            continue
+        out += ["--config", str(chain[0][0])]  # the root holds no 'base': the file itself
+        out += [x for _, settings in chain[1:] for x in ("--config", yaml.safe_dump(settings, sort_keys=False))]
+    return out
 
 
 class _Parsed(Exception):
