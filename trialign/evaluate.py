@@ -192,7 +192,7 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     from trialign.generation import generate_texts
     from trialign.preferences import preference_score
     from trialign.probe import AnswerProbe, render_context
-    from trialign.groups import Group
+    from trialign.groups import Group, reference_group
     from trialign.prompts import build_messages, build_rewrite_messages, resolve_system_prompt
 
     system_prompt = resolve_system_prompt(config.system_prompt)
@@ -270,7 +270,8 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     # The arrays come from the rows through the one reader of per_item.jsonl (the report's paired differences
     # read the same rows back).
     arrays = records_from_rows(rows, [grp.id for grp in groups])
-    reference = next((grp.id for grp in groups if grp.reference), None)
+    found = reference_group(groups)
+    reference = found.id if found is not None else None
     return AuditRecords(
         group_names=arrays.group_names, reference=reference, correct=arrays.correct, answers=arrays.answers,
         personalization=arrays.personalization, utility=arrays.correct + config.alpha * arrays.personalization,

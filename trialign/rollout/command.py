@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from trialign.config_io import build_dataclass, collect_settings, settings_parser
+from trialign.groups import reference_group
 from trialign.errors import TriAlignError, require
 from trialign.prompts import probe_template, resolve_system_prompt
 from trialign.rollout.config import RUN_FIELDS, RolloutConfig, config_differences
@@ -78,7 +79,7 @@ def _new_manifest(config: RolloutConfig, launch_id: str, items, state_items, gro
     episodes = len(items) * len(groups) * config.samples
     return RolloutManifest(
         config=config.content(), model_source=config.model, seed=config.seed, task=config.task,
-        group_ids=[g.id for g in groups], reference_group=next((g.id for g in groups if g.reference), None),
+        group_ids=[g.id for g in groups], reference_group=getattr(reference_group(groups), "id", None),
         counts={"items": len(items), "states": len(state_items), "groups": len(groups), "samples": config.samples,
                 "turns": config.turns, "episodes": episodes, "assistant_turns": episodes * config.turns},
         num_files=num_files, launch_id=launch_id)
