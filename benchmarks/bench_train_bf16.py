@@ -35,6 +35,17 @@ def first_batches(datamodule) -> dict[str, list[dict]]:
     return found
 
 
+def optimizer_step(module, optimizer, batch, bf16: bool) -> float:
+    """One optimizer step of `module` on `batch`, its forward under bf16 autocast or not; returns its seconds."""
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = module.compute_loss(batch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default=str(ROOT / "runs/rollout/arc_easy"))
@@ -51,16 +62,7 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}")
     for kind, rows in first_batches(datamodule).items():
         batch = datamodule.collator(rows)
-
-        def step(bf16: bool) -> float:
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = module.compute_loss(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return time.perf_counter() - start
-
+        step = lambda bf16: optimizer_step(module, optimizer, batch, bf16)  # noqa: E731
         step(False), step(True)  # warm-up
         times = {False: [], True: []}
         for _ in range(args.steps):

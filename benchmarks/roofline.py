@@ -95,7 +95,7 @@ def main() -> None:
 
     # 3. Training steps.
     from bench_train import build
-    from bench_train_bf16 import first_batches
+    from bench_train_bf16 import first_batches, optimizer_step
 
     module, datamodule, _, _ = build("configs/trialign.yaml", args.data_dir, 2, "/tmp/roofline")
     module.configure_model()
@@ -104,16 +104,10 @@ def main() -> None:
     for kind, rows in first_batches(datamodule).items():
         batch = datamodule.collator(rows)
         for precision in ("fp32", "bf16"):
-            def step(precision=precision):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss, _ = module.compute_loss(batch)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-
+            step = lambda bf16=precision == "bf16": optimizer_step(module, optimizer, batch, bf16)  # noqa: E731
             step()
             flops = counted(step)
-            seconds = statistics.median(_seconds(step) for _ in range(2))
+            seconds = statistics.median(step() for _ in range(2))
             print(line(f"training step, {kind}, {precision}", flops, seconds, peaks[precision]))
 
     # 4. Generation.

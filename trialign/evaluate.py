@@ -270,8 +270,7 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     # The arrays come from the rows through the one reader of per_item.jsonl (the report's paired differences
     # read the same rows back).
     arrays = records_from_rows(rows, [grp.id for grp in groups])
-    found = reference_group(groups)
-    reference = found.id if found is not None else None
+    reference = getattr(reference_group(groups), "id", None)
     return AuditRecords(
         group_names=arrays.group_names, reference=reference, correct=arrays.correct, answers=arrays.answers,
         personalization=arrays.personalization, utility=arrays.correct + config.alpha * arrays.personalization,

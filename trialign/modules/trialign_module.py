@@ -87,6 +87,7 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 COMPONENTS = ("value", "objective", "aggregator", "penalty")
 TRUTH_GROUPS = ("all", "reference")
+PER_GROUP_LOSSES = (("loss", "group_loss"), ("policy_loss",) * 2, ("value_loss",) * 2, ("truth_loss",) * 2)
 
 
 class TriAlignModule(LightningModule):
@@ -482,9 +483,11 @@ class TriAlignModule(LightningModule):
         logged: dict[str, Tensor] = {"train/loss": total.detach(), "train/penalty": parts["penalty"].detach(),
                                      "train/kl": parts["kl"].detach(), "train/context_kl": parts["context_kl"].detach()}
         for index, group in enumerate(self.group_names):
-            names = {"utility": "utility", "weight": "weight"} | ({"loss": "group_loss", **{k: k for k in (
-                "policy_loss", "value_loss", "truth_loss")}} if bool(parts["present"][index]) else {})
-            logged.update({f"train/{name}/{group}": parts[key][index].detach() for name, key in names.items()})
+            logged[f"train/utility/{group}"] = parts["utility"][index]
+            logged[f"train/weight/{group}"] = parts["weight"][index]
+            if bool(parts["present"][index]):
+                for name, key in PER_GROUP_LOSSES:
+                    logged[f"train/{name}/{group}"] = parts[key][index].detach()
         self.log_dict({k: v.float() for k, v in logged.items()}, on_step=True, on_epoch=False, prog_bar=False,
                       batch_size=batch_size)
         self.log("loss", total.detach().float(), prog_bar=True, logger=False, batch_size=batch_size)
