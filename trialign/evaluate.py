@@ -64,9 +64,11 @@ class EvaluateConfig:
     adapter: str | None = None
     """Optional PEFT adapter directory (a trained TriAlign policy) applied on top of `model`."""
     task: str = "truthfulqa_mc1"
-    """Benchmark task name (see `trialign.tasks.TASK_NAMES`), or `local` with `task_path`."""
+    """Benchmark task name (see `trialign.tasks.TASK_NAMES`), `local` with `task_path`, or `lmeval:<task>` (any
+    lm-evaluation-harness task; `trialign.tasks.lmeval`)."""
     task_path: str | None = None
-    """File of a `local` task (JSONL/CSV with question, options, answer)."""
+    """File of a `local` task (JSONL/CSV with question, options, answer), or for `lmeval:<task>` the folder of your
+    own lm-eval task YAML files (lm-eval's include path; `trialign.tasks.lmeval`)."""
     task_source: str = "local"
     """Where benchmark data comes from: `local` (copies shipped with trialign) or `hub`."""
     limit: int | None = 100
@@ -106,6 +108,10 @@ class EvaluateConfig:
     """bf16 autocast for the answer probe too. Off by default: an answer is an argmax over option log-likelihoods,
     and bf16 flips it where two options are within its rounding (`benchmarks/bench_probe_bf16.py` measures how
     often, and the speed-up, on this machine)."""
+    lmeval_parity: bool = False
+    """For an `lmeval:<task>` (probe mode): also score the same documents with lm-eval itself and, beside it, the
+    project's scorer in lm-eval's prompt format (no chat template, no persona); metrics.json's `lmeval_parity` holds
+    both `acc` and `acc_norm` and their differences."""
     alpha: float = 0.5
     """Weight of personalization in the reward/utility: r = truth + alpha * pers."""
     bootstrap: int = 1000
@@ -334,6 +340,34 @@ def format_report(metrics: dict[str, dict[str, float]], records: AuditRecords) -
     return "\n".join(lines)
 
 
+def lmeval_parity(config: EvaluateConfig, model, tokenizer, items) -> dict:
+    """lm-eval's own ``acc``/``acc_norm`` on `items`' documents, and the project's scorer (`AnswerProbe`) on the same
+    documents in lm-eval's prompt format, with their differences (trialign − lm-eval)."""
+    from trialign.probe import AnswerProbe
+    from trialign.tasks.lmeval import is_lmeval_task, lmeval_accuracy, lmeval_context
+
+    require(is_lmeval_task(config.task), f"lmeval_parity: needs an lmeval:<task>, got task {config.task!r}")
+    require(config.mode == "probe", "lmeval_parity: lm-eval scores options after its own prompt; use mode probe")
+    scores = AnswerProbe(model, tokenizer, batch_size=config.batch_size).score_options(
+        [lmeval_context(item) for item in items], [list(item.options or ()) for item in items])
+    ours = {"acc": float(np.mean([s.acc_choice in i.correct_options for s, i in zip(scores, items)])),
+            "acc_norm": float(np.mean([s.acc_norm_choice in i.correct_options for s, i in zip(scores, items)]))}
+    theirs = lmeval_accuracy(model, tokenizer, config.task, [item.meta["doc_id"] for item in items],
+                             include_path=config.task_path, batch_size=config.batch_size)
+    return {"documents": len(items), "trialign": ours, "lm_eval": theirs,
+            "difference": {k: ours[k] - theirs[k] for k in theirs}}
+
+
+def format_parity(parity: dict) -> str:
+    """The parity check in a few lines, naming any difference."""
+    lines = [f"lm-eval parity on {parity['documents']} documents (neutral, lm-eval's zero-shot prompt):"]
+    for metric, theirs in parity["lm_eval"].items():
+        ours, diff = parity["trialign"][metric], parity["difference"][metric]
+        verdict = "equal" if abs(diff) < 1e-9 else f"differs by {diff:+.4f}"
+        lines.append(f"  {metric:<8} trialign {ours:.4f}  lm-eval {theirs:.4f}  {verdict}")
+    return "\n".join(lines)
+
+
 def log_tensorboard(out: Path, metrics: dict[str, dict[str, float]], label: str) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -374,15 +408,18 @@ def evaluate(config: EvaluateConfig, progress: bool = True, trunk_cache: "TrunkC
     add_group_means(metrics, records, config.bootstrap, config.seed)
     label = config.label or (config.model + ("" if config.system_prompt == "none" else f" + {config.system_prompt}")
                              + ("" if config.pipeline == "direct" else f" + {config.pipeline}"))
+    parity = lmeval_parity(config, model, tokenizer, items) if config.lmeval_parity else None
     result = EvaluationResult(label=label, config=dataclasses.asdict(config), task=config.task,
                               num_items=len(items), groups=records.group_names, reference=records.reference,
-                              mode=config.mode, seconds=round(elapsed, 2), metrics=metrics)
+                              mode=config.mode, seconds=round(elapsed, 2), metrics=metrics, lmeval_parity=parity)
     write_jsonl_atomic(out / "per_item.jsonl", records.rows)
     result.write(out)
     log_tensorboard(out, metrics, label)
     print(f"\n{label} | {config.task} | {len(items)} items x {len(groups)} groups | mode={config.mode} | "
           f"{elapsed:.0f} s\n")
     print(format_report(metrics, records))
+    if parity is not None:
+        print("\n" + format_parity(parity))
     print(f"\nwrote {out / 'metrics.json'}, {out / 'per_item.jsonl'}, {out / 'tensorboard'}")
     return result
 

@@ -100,6 +100,9 @@ class ExperimentConfig:
     """A task not used in training; null skips the split."""
     transfer_limit: int = 12
     """Items of the transfer task."""
+    transfer_task_path: str | None = None
+    """For an `lmeval:<task>` transfer task of your own: the folder of its lm-eval task YAML (`task_path` of
+    `trialign evaluate`). The held-out splits take the rollout config's `task_path`."""
     batch_size: int = 32
     """Probe/generation batch size of the evaluations."""
     probe_autocast: bool = False
@@ -253,7 +256,8 @@ class Experiment:
     def splits(self) -> dict[str, dict[str, Any]]:
         """Evaluate settings of each split (before the method's own)."""
         c = self.config
-        held_out = {"task": self.task, "offset": self.train_items, "probe_template": self.template}
+        held_out = {"task": self.task, "offset": self.train_items, "probe_template": self.template,
+                    **({"task_path": self.rollout_values["task_path"]} if self.rollout_values.get("task_path") else {})}
         splits = {"main": {**held_out, "limit": c.eval_limit, "groups": c.eval_groups, "mode": "probe"}}
         if c.personalization_limit:
             splits["personalization"] = {**held_out, "limit": c.personalization_limit, "groups": c.eval_groups,
@@ -264,7 +268,8 @@ class Experiment:
                                         "mode": "probe"}
         if c.transfer_task:
             splits["transfer"] = {"task": c.transfer_task, "limit": c.transfer_limit, "groups": c.eval_groups,
-                                  "mode": "probe", "probe_template": self.template}
+                                  "mode": "probe", "probe_template": self.template,
+                                  **({"task_path": c.transfer_task_path} if c.transfer_task_path else {})}
         return splits
 
     def evaluations(self) -> list[dict[str, str]]:

@@ -246,6 +246,22 @@ def challenge_tables(report: Report, split: str) -> list[tuple[str, list[str], l
     return tables
 
 
+def parity_table(evaluations: list[Evaluation]) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows) comparing the project's neutral accuracy in lm-eval's prompt format with lm-eval's own, for
+    evaluations run with ``--lmeval-parity``; each row names the difference."""
+    rows = []
+    for e in evaluations:
+        parity = e.document.lmeval_parity
+        for metric, theirs in ((parity or {}).get("lm_eval") or {}).items():
+            ours, diff = parity["trialign"][metric], parity["difference"][metric]
+            rows.append([e.method, str(parity["documents"]), metric, f"{ours:.3f}", f"{theirs:.3f}",
+                         "equal" if abs(diff) < 1e-9 else f"{diff:+.3f}"])
+    return (["method", "documents", "metric", "trialign", "lm-eval", "difference"], rows) if rows else None
+
+
+PARITY_NOTE = "neutral user, lm-eval's zero-shot prompt, the same documents scored by lm-eval itself"
+
+
 def split_groups(evaluations: list[Evaluation]) -> list[str]:
     return list(dict.fromkeys(g for e in evaluations for g in e.groups))
 
@@ -364,6 +380,9 @@ def render_markdown(report: Report, files_dir: str = FILES_DIR) -> str:
             out += [f"- {line}" for line in paired.verdicts] + [""]
         for caption, c_header, c_rows, c_bold in challenge_tables(report, split):
             out += [f"**{caption}**:", ""] + _md_table(c_header, c_rows, c_bold) + [""]
+        parity = parity_table(evaluations)
+        if parity is not None:
+            out += [f"**lm-eval parity** ({PARITY_NOTE}):", ""] + _md_table(*parity) + [""]
         alt = f"Per-group accuracy and agreement with the neutral user, {split}"
         out += [f"![{alt}]({files_dir}/{plot_name(report, split)})", ""]
         g_header, g_rows = group_table(evaluations)
@@ -465,6 +484,9 @@ def render_html(report: Report, plots: dict[str, bytes]) -> str:
             out += [f"<li>{_h(line)}</li>" for line in paired.verdicts] + ["</ul>"]
         for caption, c_header, c_rows, c_bold in challenge_tables(report, split):
             out += [f'<p class="caption"><b>{_h(caption)}</b>:</p>', _html_table(c_header, c_rows, c_bold)]
+        parity = parity_table(evaluations)
+        if parity is not None:
+            out += [f'<p class="caption"><b>lm-eval parity</b> ({_h(PARITY_NOTE)}):</p>', _html_table(*parity)]
         out.append(_img(plots[plot_name(report, split)],
                         f"Per-group accuracy and agreement with the neutral user, {split}"))
         g_header, g_rows = group_table(evaluations)

@@ -3,7 +3,8 @@ reader.
 
     {"label": str, "config": {...the EvaluateConfig...}, "task": str, "num_items": int, "groups": [str],
      "reference": str | null, "mode": "probe" | "generate", "seconds": float,
-     "metrics": {name: {"value": float, "ci_low": float, "ci_high": float}}}
+     "metrics": {name: {"value": float, "ci_low": float, "ci_high": float}},
+     "lmeval_parity": null | {"documents": int, "trialign": {...}, "lm_eval": {...}, "difference": {...}}}
 
 The reader checks the shape and names the file and field in one line; fields other than ``metrics`` may be missing
 in files written by hand (they default to empty), never of another type.
@@ -37,6 +38,9 @@ class EvaluationResult:
     reference: str | None = None
     mode: str = ""
     seconds: float = 0.0
+    lmeval_parity: dict[str, Any] | None = None
+    """`trialign evaluate --lmeval-parity`: lm-eval's own acc/acc_norm on the documents beside the project's
+    (`trialign.evaluate.lmeval_parity`); None otherwise."""
 
     def write(self, folder: str | Path) -> Path:
         """Write ``<folder>/metrics.json`` atomically; returns its path."""
@@ -69,6 +73,9 @@ def read_result(path: str | Path) -> tuple[EvaluationResult, str]:
     reference = document.get("reference")
     require(reference is None or isinstance(reference, str),
             f"metrics file {path}: 'reference' should be a group id or null, got {reference!r}")
-    result = EvaluationResult(metrics=metrics, reference=reference, **values)
+    parity = document.get("lmeval_parity")
+    require(parity is None or isinstance(parity, dict),
+            f"metrics file {path}: 'lmeval_parity' should be an object or null, got {type(parity).__name__}")
+    result = EvaluationResult(metrics=metrics, reference=reference, lmeval_parity=parity, **values)
     result.groups = [str(g) for g in result.groups]
     return result, hashlib.sha256(raw).hexdigest()

@@ -50,9 +50,10 @@ class RolloutConfig:
     """Share of GPU memory vLLM may take (backend `vllm`); the rest holds the transformers model that runs the probe
     and the behavior log-probabilities."""
     task: str = "truthfulqa_mc1"
-    """Benchmark task name (see `trialign.tasks.TASK_NAMES`), or `local` with `task_path`."""
+    """Benchmark task name (see `trialign.tasks.TASK_NAMES`), `local` with `task_path`, or `lmeval:<task>` (any
+    lm-evaluation-harness task; `trialign.tasks.lmeval`)."""
     task_path: str | None = None
-    """The JSONL/CSV file of a `local` task."""
+    """The JSONL/CSV file of a `local` task, or the folder of your own lm-eval task YAML files for `lmeval:<task>`."""
     task_source: str = "local"
     """Where benchmark data comes from: `local` (copies shipped with trialign) or `hub`."""
     limit: int | None = 64

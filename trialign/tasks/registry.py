@@ -1,9 +1,10 @@
 """Task names and `load_task`, the one entry point that turns a benchmark name into a list of `Item`s.
 
 Each task has a loader for the shipped copy (``source="local"``, the default; works offline) and one for the
-Hugging Face hub (``source="hub"``); both build the same items. ``limit`` keeps the first items in the task's stable
-order (file order; for ``bbq`` the categories interleaved), so a small limit is a reproducible prefix, not a
-sample. ``seed`` only changes the option order of the TruthfulQA MC tasks; every other task is independent of it.
+Hugging Face hub (``source="hub"``); both build the same items. Any lm-evaluation-harness task is a task too, as
+``lmeval:<name>`` (`trialign.tasks.lmeval`, the optional extra ``lmeval``). ``limit`` keeps the first items in the
+task's stable order (file order; for ``bbq`` the categories interleaved), so a small limit is a reproducible prefix,
+not a sample. ``seed`` only changes the option order of the TruthfulQA MC tasks; every other task is independent of it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from trialign.errors import TriAlignError
-from trialign.tasks import aime, arc, bbq, gsm8k, local, truthfulqa
+from trialign.tasks import aime, arc, bbq, gsm8k, lmeval, local, truthfulqa
 from trialign.tasks.item import Item
 
 Loader = Callable[[str, int], list[Item]]
@@ -58,12 +59,19 @@ def load_task(
     """The items of task `name` (one of `TASK_NAMES`), in stable order, at most `limit` of them.
 
     `source` is ``"local"`` (the shipped copy) or ``"hub"`` (Hugging Face hub, needs network). `path` is the
-    user's JSONL/CSV file for task ``local`` (format in `trialign.tasks.local`) and must be None otherwise.
+    user's JSONL/CSV file for task ``local`` (format in `trialign.tasks.local`), the lm-eval include path (a folder
+    of task YAML files, or one) for ``lmeval:<task>`` (`trialign.tasks.lmeval`), and must be None otherwise.
     """
+    _checked_limit(limit)
+    if lmeval.is_lmeval_task(name):
+        if source != "local":
+            raise TriAlignError(f"--source: task {name!r} loads its documents where its lm-eval YAML says; leave "
+                                "source at 'local'")
+        items = lmeval.lmeval_items(name, include_path=path)
+        return items if limit is None else items[:limit]
     if name not in TASK_NAMES:
-        raise TriAlignError(f"task: unknown task {name!r}; expected one of: {', '.join(TASK_NAMES)}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise TriAlignError(f"--limit: expected a positive integer, got {limit!r}")
+        raise TriAlignError(f"task: unknown task {name!r}; expected one of: {', '.join(TASK_NAMES)}, or "
+                            f"{lmeval.PREFIX}<an lm-evaluation-harness task>")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TriAlignError(f"--seed: expected an integer, got {seed!r}")
     if source not in SOURCES:
@@ -80,3 +88,9 @@ def load_task(
         spec = TASKS[name]
         items = (spec.load_local if source == "local" else spec.load_hub)(name, seed)
     return items if limit is None else items[:limit]
+
+
+def _checked_limit(limit: int | None) -> int | None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise TriAlignError(f"--limit: expected a positive integer, got {limit!r}")
+    return limit
