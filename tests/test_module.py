@@ -15,6 +15,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from data_factory import NO_TASK_VALIDATION, synthetic_rows
+from test_trunk_cache import layer_calls
 from trialign.backbone import LoraSettings, load_model
 from trialign.datamodules.collate import TrajectoryCollator
 from trialign.errors import TriAlignError
@@ -151,6 +152,62 @@ def test_probe_logprobs_equal_direct_forwards(tiny_model_dir, embedded_tokenizer
             assert probe["gold_logprob"][b, g].item() == pytest.approx(per_token, abs=1e-4)
     assert probe["group_mask"].all()
     assert not bool(batch["has_options"][-1])  # the free-form item is probed on its gold text
+
+
+def test_trunk_memo_replays_a_later_epoch_through_the_adapted_layers_only(tiny_model_dir, embedded_tokenizer):
+    """Epoch 1 records every probe row; epoch 2 composes its batches differently (other padding) and replays them:
+    layer 0 never runs, and the option log-likelihoods, the loss and the adapters' gradients equal the full
+    forward's (up to rounding)."""
+    rows, names = synthetic_rows(items=4, groups=3, samples=2, turns=2, seed=3, states=2)
+    collator = TrajectoryCollator(embedded_tokenizer, names, max_length=256)
+    top_layer_only = LoraSettings(r=4, alpha=8, target_modules=r".*\.layers\.1\.(self_attn|mlp)\.\w+_proj")
+    module = make_module(tiny_model_dir, names, lora=top_layer_only, trunk_memo_gib=0.01, context_kl_coef=1.0,
+                         truth_coef=0.3)
+    memo = module.policy.trunk_memo
+    perturb_adapters(module)
+    module.eval()
+    for batch in (collator(rows[0:2]), collator(rows[2:4])):
+        module.compute_loss(batch)
+    assert memo.replayed == 0 and memo.recorded >= 2
+    calls = layer_calls(module.policy.model, 0)
+    second_epoch = [collator([rows[3], rows[0]]), collator([rows[1], rows[2]])]
+    lora = [p for name, p in module.policy.model.named_parameters() if "lora_" in name]
+
+    def run(batch):
+        module.zero_grad()
+        loss, _ = module.compute_loss(batch)
+        loss.backward()
+        probe = module.probe_logprobs(batch)["option_logprobs"].detach()
+        return loss.detach(), probe, [p.grad.clone() for p in lora]
+
+    replayed = [run(batch) for batch in second_epoch]
+    assert memo.replayed >= 2 * 2 and calls == []  # (loss and probe of both batches)
+    module.policy.trunk_memo = None
+    full = [run(batch) for batch in second_epoch]
+    assert len(calls) > 0
+    for (loss, probe, grads), (loss_full, probe_full, grads_full) in zip(replayed, full):
+        torch.testing.assert_close(loss, loss_full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(probe, probe_full, rtol=1e-5, atol=1e-5)
+        for grad, grad_full in zip(grads, grads_full):
+            torch.testing.assert_close(grad, grad_full, rtol=1e-4, atol=1e-6)
+    module.policy.trunk_memo = memo
+    unseen, _ = synthetic_rows(items=1, groups=3, samples=2, turns=2, seed=9, states=1)
+    before = memo.recorded
+    with torch.no_grad():
+        module.probe_logprobs(collator([unseen[0], rows[1]]))  # one unseen item: the batch runs in full
+    assert memo.recorded == before + 2  # its contexts and its options
+
+
+def test_trunk_memo_refuses_a_trainable_trunk(tiny_model_dir, embedded_tokenizer):
+    (_,), names = make_batches(embedded_tokenizer)
+    top_layer_only = LoraSettings(r=4, alpha=8, target_modules=r".*\.layers\.1\.(self_attn|mlp)\.\w+_proj")
+    module = make_module(tiny_model_dir, names, lora=top_layer_only)
+    module.policy._decoder().layers[0].mlp.up_proj.weight.requires_grad_(True)
+    with pytest.raises(TriAlignError, match=r"trunk_memo: the trunk must be frozen, but \S+layers\.0\.mlp\.up_proj"
+                                            r"\.weight is trainable"):
+        module.policy.enable_trunk_memo(1 << 20)
+    with pytest.raises(TriAlignError, match=r"trunk_memo_gib: expected 0 \(off\) or more GiB, got -1"):
+        make_module(tiny_model_dir, names, trunk_memo_gib=-1)
 
 
 def test_reference_anchor_is_the_reference_groups_probe_with_adapters_disabled(tiny_model_dir, embedded_tokenizer):

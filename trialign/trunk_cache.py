@@ -154,3 +154,56 @@ class top_layers_only:
             if number is not None:
                 attention.layer_idx = number
         self.decoder.layers = self.layers
+
+
+class TrunkMemo:
+    """The trunk's output on every sequence a training run has run, one entry per row.
+
+    The training-time counterpart of `TrunkCache` (`Policy.enable_trunk_memo`, the module's `trunk_memo_gib`): the
+    layers below the lowest adapted one are frozen, so on a cross-group state or an episode seen in an earlier epoch
+    they compute what they computed then. Entries are per row, not per batch, because a later epoch composes (and
+    pads) its batches differently: a row is keyed by its own token ids (a probe option's by its context's too, whose
+    KV cache it reads), with the trunk's fingerprint (`trunk_fingerprint`, taken at the first use: the trunk does not
+    train), the depth and the autocast setting, so a changed model, input or precision never hits a stale entry. A
+    forward pass replays only when every one of its rows is known (`fetch`), else runs in full and records
+    (`record`). Rows are right-padded: a replayed row is padded with zeros, which no real token attends to, so what
+    the loss reads is unchanged. Bounded by `max_bytes` (least recently used rows go first)."""
+
+    def __init__(self, model, depth: int, max_bytes: int):
+        if depth <= 0:
+            raise ValueError(f"TrunkMemo: depth must be positive, got {depth}")
+        self.model = model
+        self.depth = depth
+        self.rows = TrunkCache(max_bytes)
+        self._fingerprint: str | None = None
+        self.replayed = 0
+        """Forward passes that ran the adapted layers only."""
+        self.recorded = 0
+        """Forward passes that ran in full and recorded their rows."""
+
+    def keys(self, kind: str, rows: list[Any]) -> list[tuple]:
+        """One key per row; `rows` holds each row's token ids (or anything else with a stable repr)."""
+        if self._fingerprint is None:
+            self._fingerprint = trunk_fingerprint(self.model, self.depth)
+        device = next(self.model.parameters()).device.type
+        autocast = torch.is_autocast_enabled(device) and str(torch.get_autocast_dtype(device))
+        return [(self._fingerprint, self.depth, autocast, inputs_digest(kind, row)) for row in rows]
+
+    def fetch(self, keys: list[tuple], width: int) -> torch.Tensor | None:
+        """The recorded rows, right-padded with zeros to `width` [R, width, H], when every key is known; else None."""
+        found = [self.rows.get(key) for key in keys]
+        if not found or any(entry is None for entry in found):
+            return None
+        self.replayed += 1
+        out = found[0][0].new_zeros(len(found), width, found[0][0].shape[-1])
+        for index, (row,) in enumerate(found):
+            out[index, : row.shape[0]] = row
+        return out
+
+    def record(self, keys: list[tuple], trunk: torch.Tensor, lengths: list[int]) -> None:
+        """Keep row i of `trunk` [R, W, H] (the input of layer `depth` on a full forward) up to `lengths[i]`."""
+        if len(keys) != trunk.shape[0]:
+            raise RuntimeError(f"trunk memo: {len(keys)} keys for {trunk.shape[0]} recorded rows")
+        self.recorded += 1
+        for key, row, length in zip(keys, trunk, lengths):
+            self.rows.put(key, [row[:length].clone()])

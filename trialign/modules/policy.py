@@ -16,6 +16,8 @@ so that sharded strategies can wrap the model as it is created and parsing a con
 
 from __future__ import annotations
 
+import contextlib
+import re
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from trialign.backbone import DEFAULT_MODEL, LoraSettings, attach_lora, load_model, reference_policy
 from trialign.errors import TriAlignError
 from trialign.tokens import positions_from_mask, select_cache_rows, token_logprobs
-from trialign.trunk_cache import layer_inputs, lowest_adapted_layer, top_layers_only
+from trialign.trunk_cache import TrunkMemo, layer_inputs, lowest_adapted_layer, top_layers_only
+from transformers import DynamicCache
 
 SHARED_ADAPTER = "default"
 """Name of the single shared adapter; peft saves the adapter named "default" at the top of the output folder, so
@@ -44,6 +47,17 @@ def _chunk_kl(hidden: torch.Tensor, reference_hidden: torch.Tensor, weight: torc
     with torch.no_grad():
         log_q = torch.log_softmax(F.linear(reference_hidden, weight, bias).float(), dim=-1)
     return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+
+
+def _right_padded(attention_mask: torch.Tensor, lengths: torch.Tensor) -> bool:
+    steps = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return bool(torch.equal(attention_mask.bool(), steps[None, :] < lengths[:, None]))
+
+
+def _below(name: str, depth: int) -> bool:
+    """Whether parameter `name` belongs to the trunk: the embedding or a decoder layer below `depth`."""
+    layer = re.search(r"\.layers\.(\d+)\.", name)
+    return int(layer[1]) < depth if layer else "embed_tokens" in name
 
 
 class Policy(nn.Module):
@@ -75,6 +89,8 @@ class Policy(nn.Module):
         self.logprob_chunk = logprob_chunk
         self.model: nn.Module | None = None
         self.trunk_depth = 0
+        self.trunk_memo: TrunkMemo | None = None
+        """`enable_trunk_memo`: the trunk's output on the probe rows seen so far (None: off)."""
 
     @property
     def built(self) -> bool:
@@ -149,10 +165,26 @@ class Policy(nn.Module):
     def hidden_states_and_trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_trunk: bool = True
                                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Last hidden state [N, L, H] and, when `keep_trunk` and the lowest layers carry no adapter, the (detached)
-        input of the first adapted layer [N, L, H] — what the reference forward can start from (None otherwise)."""
-        out, trunk = self._decode(keep_trunk, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=positions_from_mask(attention_mask), use_cache=False)
-        return out.last_hidden_state, trunk
+        input of the first adapted layer [N, L, H] — what the reference forward can start from (None otherwise).
+        With the trunk memo (`enable_trunk_memo`) and right-padded rows, rows seen before run the adapted layers
+        only."""
+        inputs = {"attention_mask": attention_mask, "position_ids": positions_from_mask(attention_mask),
+                  "use_cache": False}
+        lengths = attention_mask.sum(-1)
+        memo = self.trunk_memo if self.trunk_memo is not None and _right_padded(attention_mask, lengths) else None
+        if memo is None:
+            out, trunk = self._decode(keep_trunk, input_ids=input_ids, **inputs)
+            return out.last_hidden_state, trunk
+        keys = memo.keys("sequence", [row[: int(n)].tolist() for row, n in zip(input_ids, lengths)])
+        trunk = memo.fetch(keys, input_ids.shape[1])
+        if trunk is not None:
+            with top_layers_only(self.model, self.trunk_depth):
+                out = self._decoder()(inputs_embeds=trunk, **inputs)
+            return out.last_hidden_state, trunk if keep_trunk else None
+        with layer_inputs(self._decoder(), self.trunk_depth) as recorded:
+            out = self._decoder()(input_ids=input_ids, **inputs)
+        memo.record(keys, recorded[0], lengths.tolist())
+        return out.last_hidden_state, recorded[0] if keep_trunk else None
 
     def reference_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                 trunk: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,6 +263,22 @@ class Policy(nn.Module):
         sums = torch.zeros(num_rows, dtype=torch.float32, device=input_ids.device).index_add(0, rows, logprobs)
         return sums, torch.bincount(rows, minlength=num_rows), context
 
+    def enable_trunk_memo(self, max_bytes: int) -> None:
+        """Keep the trunk's output on the probe contexts and options of training (`trialign.trunk_cache.TrunkMemo`):
+        a later epoch runs the same states through the adapted layers only. 0 turns it off. Refused while a layer
+        below the lowest adapted one has a trainable parameter (its output would change with training)."""
+        if max_bytes <= 0:
+            self.trunk_memo = None
+            return
+        if self.gradient_checkpointing:
+            raise TriAlignError("trunk_memo: not with gradient_checkpointing (a checkpointed layer recomputes "
+                                "outside the replay); set trunk_memo_gib: 0")
+        model = self._require_built()
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad and _below(name, self.trunk_depth)]
+        if trainable:
+            raise TriAlignError(f"trunk_memo: the trunk must be frozen, but {trainable[0]} is trainable")
+        self.trunk_memo = TrunkMemo(model, self.trunk_depth, max_bytes) if self.trunk_depth > 0 else None
+
     def _shared_context_logprobs(self, input_ids: torch.Tensor, continuation: torch.Tensor, context_key: torch.Tensor,
                                  keep_contexts: bool = False
                                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
@@ -248,26 +296,49 @@ class Policy(nn.Module):
         steps = torch.arange(width, device=device)
         context_mask = (steps[None, :] < context_length[:, None]).long()
         context_ids = input_ids[representative, :width]
-        out, trunk = self._decode(keep_contexts, input_ids=context_ids, attention_mask=context_mask,
-                                  position_ids=positions_from_mask(context_mask), use_cache=True)
-        context = None
-        if keep_contexts:
-            context = {"hidden": out.last_hidden_state, "trunk": trunk, "input_ids": context_ids,
-                       "attention_mask": context_mask}
-        last = out.last_hidden_state[torch.arange(num_contexts, device=device), context_length - 1]
         option_width = int(lengths.max())
         offsets = torch.arange(option_width, device=device)
         option_mask = offsets[None, :] < lengths[:, None]
         where = (first[:, None] + offsets[None, :]).clamp(max=input_ids.shape[1] - 1)
         option_ids = torch.where(option_mask, input_ids.gather(1, where), torch.zeros_like(where))
-        # Option token j is predicted by the context's last state (j = 0) or by option token j - 1.
-        predictors = [last[context_of_row][:, None, :]]
-        if option_width > 1:
-            cache = select_cache_rows(out.cache, context_of_row)
-            tail = decoder(input_ids=option_ids[:, :-1],
-                           attention_mask=torch.cat([context_mask[context_of_row], option_mask[:, :-1].long()], 1),
-                           position_ids=first[:, None] + offsets[None, :-1], cache=cache, use_cache=True)
-            predictors.append(tail.last_hidden_state)
+        memo = self.trunk_memo
+        replay = None
+        if memo is not None:  # the context's token ids key its row; an option's, its context's and its own
+            contexts = [context_ids[c, : int(n)].tolist() for c, n in enumerate(context_length)]
+            context_keys = memo.keys("context", contexts)
+            option_keys = memo.keys("option", [(contexts[int(c)], option_ids[r, : int(n) - 1].tolist())
+                                               for r, (c, n) in enumerate(zip(context_of_row, lengths))])
+            found = memo.fetch(context_keys, width), memo.fetch(option_keys, option_width - 1)
+            replay = found if found[0] is not None and (option_width == 1 or found[1] is not None) else None
+        with contextlib.ExitStack() as stack:
+            if replay is not None:  # every row's trunk is known: run the adapted layers only
+                top = stack.enter_context(top_layers_only(model, self.trunk_depth))
+                context_inputs = {"inputs_embeds": replay[0], "cache": DynamicCache(config=top.cache_config)}
+                option_inputs = {"inputs_embeds": replay[1]}
+            else:
+                recorded = stack.enter_context(layer_inputs(decoder, self.trunk_depth)) if memo else None
+                context_inputs, option_inputs = {"input_ids": context_ids}, {"input_ids": option_ids[:, :-1]}
+            out, trunk = self._decode(keep_contexts and replay is None, attention_mask=context_mask,
+                                      position_ids=positions_from_mask(context_mask), use_cache=True, **context_inputs)
+            if replay is not None:
+                trunk = replay[0]
+            # Option token j is predicted by the context's last state (j = 0) or by option token j - 1.
+            last = out.last_hidden_state[torch.arange(num_contexts, device=device), context_length - 1]
+            predictors = [last[context_of_row][:, None, :]]
+            if option_width > 1:
+                cache = select_cache_rows(out.cache, context_of_row)
+                tail = decoder(attention_mask=torch.cat([context_mask[context_of_row], option_mask[:, :-1].long()], 1),
+                               position_ids=first[:, None] + offsets[None, :-1], cache=cache, use_cache=True,
+                               **option_inputs)
+                predictors.append(tail.last_hidden_state)
+        if memo is not None and replay is None:
+            memo.record(context_keys, recorded[0], context_length.tolist())
+            if option_width > 1:
+                memo.record(option_keys, recorded[1], (lengths - 1).tolist())
+        context = None
+        if keep_contexts:
+            context = {"hidden": out.last_hidden_state, "trunk": trunk, "input_ids": context_ids,
+                       "attention_mask": context_mask}
         predicted_by = torch.cat(predictors, dim=1)
         rows, steps_in = option_mask.nonzero(as_tuple=True)
         return rows, self.token_logprobs(predicted_by[rows, steps_in], option_ids[rows, steps_in]), context

@@ -126,6 +126,9 @@ class TriAlignModule(LightningModule):
         adapter_dir: where adapters and heads are exported (None: `<trainer.log_dir>/adapter`).
         probe_share_prefix: run each probe context once and its options on its KV cache (off automatically
             where gradient checkpointing disables caching: training steps with `gradient_checkpointing`).
+        trunk_memo_gib: memory for the frozen trunk's output on the probe rows seen in training
+            (`trialign.trunk_cache.TrunkMemo`): from the second epoch on a state runs the adapted layers only; 0 off.
+            Needs `probe_share_prefix` (the shared-context probe is the path that records).
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class TriAlignModule(LightningModule):
         optimizer: OptimizerFactory | None = None,
         adapter_dir: str | None = None,
         probe_share_prefix: bool = True,
+        trunk_memo_gib: float = 0.0,
     ):
         super().__init__()
         under_cli = from_cli()  # LightningCLI hands save_hyperparameters the parsed config, not live objects
@@ -217,6 +221,9 @@ class TriAlignModule(LightningModule):
         self.optimizer_factory = optimizer
         self.adapter_dir = adapter_dir
         self.probe_share_prefix = probe_share_prefix
+        if trunk_memo_gib < 0:
+            raise TriAlignError(f"trunk_memo_gib: expected 0 (off) or more GiB, got {trunk_memo_gib}")
+        self.trunk_memo_gib = trunk_memo_gib
         self.autocast = autocast
         self.policy = Policy(model, lora, self.group_names if per_group_adapters else [SHARED_ADAPTER], dtype=dtype,
                              gradient_checkpointing=gradient_checkpointing)
@@ -238,6 +245,7 @@ class TriAlignModule(LightningModule):
         if self.policy.built:
             return
         self.policy.build()
+        self.policy.enable_trunk_memo(int(self.trunk_memo_gib * (1 << 30)))
         self.value_heads = GroupValueHeads(self.group_names, self.policy.hidden_size)
 
     def _validation_metrics(self) -> MetricCollection:
