@@ -18,7 +18,7 @@ from trialign.modules import aggregators, objectives, penalties, values
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-READ_BY_OTHER_COMMANDS = ("rollout", "audit", "groups", "experiment")
+READ_BY_OTHER_COMMANDS = ("rollout", "audit", "groups", "experiment", "lmeval")  # lmeval: tests/test_lmeval.py
 METHOD_CONFIGS = sorted([CONFIGS / "trialign.yaml", *(CONFIGS / "baselines").glob("*.yaml")])
 COMPONENT_KINDS = {
     "aggregator": (aggregators, aggregators.Aggregator),

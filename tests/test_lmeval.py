@@ -160,3 +160,16 @@ def test_without_lm_eval_installed_the_error_says_how_to_install(monkeypatch):
             load_task("lmeval:arc_easy")
     finally:
         lmeval.task_manager.cache_clear()
+
+
+def test_the_shipped_lmeval_task_yamls_read_the_shipped_files(monkeypatch):
+    """configs/lmeval: ARC-Easy as lm-eval's arc_easy asks it, and BBQ Age with its context passage."""
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # their data_files are relative to the repository root
+    arc = load_task("lmeval:arc_easy_local", path="configs/lmeval", limit=5)
+    assert [(i.question, i.options, i.gold) for i in arc] == [(a.question, a.options, a.gold)
+                                                              for a in load_task("arc_easy", limit=5)]
+    bbq = load_task("lmeval:bbq_age_local", path="configs/lmeval", limit=5)
+    shipped = load_task("bbq_age", limit=5)
+    assert [(i.context, i.question, i.gold) for i in bbq] == [(b.context, b.question, b.gold) for b in shipped]
+    assert len(load_task("lmeval:arc_easy_local", path="configs/lmeval")) == 570
