@@ -1,11 +1,17 @@
-"""Generated tokens/s of the rollout's batched sampling against one `generate` call per episode, on the same items.
+"""Generated tokens/s of the rollout's sampling backends on the same prompts, in one run.
 
     .venv/bin/python benchmarks/bench_rollout.py                      # embedded model, 1 item x 9 groups x 2 samples
-    .venv/bin/python benchmarks/bench_rollout.py --items 4 --max-new-tokens 64
+    .venv/bin/python benchmarks/bench_rollout.py --items 4 --max-new-tokens 64 --ct2 int8 float32
 
-Both sides use `HFSampler` (same model, same prompts, same sampling settings, log mu included): the batched side
-samples every episode of the items in one call, as `trialign rollout` does per turn (left padding, one KV cache,
-repeated prompts prefilled once); the reference calls it once per episode. Prints both rates and the speed-up.
+Every episode of the items is sampled in one call per backend, as `trialign rollout` does per turn:
+
+* `HFSampler` batched (the reference: left padding, one KV cache, repeated prompts prefilled once, log mu from the
+  sampling pass), and once per episode (`--no-single` skips it);
+* `CT2Sampler` (`backend: ct2`) for each `--ct2` compute type (the model converted once into a temporary cache),
+  plus the transformers model's log mu of what it sampled (the rescoring `trialign rollout` adds, timed too), and
+  the distance of the backend's own log-probabilities from it: mean |own - mu| per token.
+
+Prints each rate and its speed-up over the batched HF sampler.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--ct2", nargs="*", default=["int8"], help="CTranslate2 compute types to measure")
+    parser.add_argument("--no-single", action="store_true", help="skip the one-call-per-episode HF reference")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,21 +58,47 @@ def main() -> None:
     batched_seconds = time.perf_counter() - start
     batched_tokens = sum(s.num_sampled for s in batched)
 
-    start = time.perf_counter()
-    single_tokens = 0
-    for index, prompt in enumerate(prompts):
-        single_tokens += sum(s.num_sampled for s in sampler.sample([prompt], seed=index, **settings).samples)
-    single_seconds = time.perf_counter() - start
-
-    batched_rate, single_rate = batched_tokens / batched_seconds, single_tokens / single_seconds
+    batched_rate = batched_tokens / batched_seconds
     print(f"{len(items)} items x {len(groups)} groups x {args.samples} samples = {len(prompts)} episodes, "
           f"max_new_tokens={args.max_new_tokens}, model={args.model}, torch threads={torch.get_num_threads()}")
-    print(f"batched rollout (1 generate call) : {batched_tokens:6d} tokens in {batched_seconds:7.1f} s = "
-          f"{batched_rate:7.1f} tokens/s")
-    print(f"one generate call per episode     : {single_tokens:6d} tokens in {single_seconds:7.1f} s = "
-          f"{single_rate:7.1f} tokens/s")
-    print(f"speed-up: {batched_rate / single_rate:.1f}x")
+    print(f"hf batched (1 generate call)          : {batched_tokens:6d} tokens in {batched_seconds:7.1f} s = "
+          f"{batched_rate:7.1f} tokens/s (reference)")
+    if not args.no_single:
+        start = time.perf_counter()
+        single_tokens = 0
+        for index, prompt in enumerate(prompts):
+            single_tokens += sum(s.num_sampled for s in sampler.sample([prompt], seed=index, **settings).samples)
+        single_seconds = time.perf_counter() - start
+        print(f"hf, one generate call per episode     : {single_tokens:6d} tokens in {single_seconds:7.1f} s = "
+              f"{single_tokens / single_seconds:7.1f} tokens/s ({single_tokens / single_seconds / batched_rate:.2f}x)")
+    if args.ct2:
+        import tempfile
 
+        from trialign.backbone import resolve_model_source
+        from trialign.rollout.ct2 import CT2Sampler
+        from trialign.rollout.sampler import score_actions
+
+        location = resolve_model_source(args.model).location
+        with tempfile.TemporaryDirectory() as cache:
+            for compute_type in args.ct2:
+                ct2 = CT2Sampler(location, tokenizer, cache_dir=cache, compute_type=compute_type,
+                                 threads=torch.get_num_threads())
+                ct2.sample(prompts[:2], max_new_tokens=2, temperature=1.0, seed=0)  # warm-up
+                start = time.perf_counter()
+                generation, own = ct2.sample_scored(prompts, seed=0, **settings)
+                seconds = time.perf_counter() - start
+                actions = [s.tokens + ([s.stop] if s.stop is not None else []) for s in generation.samples]
+                start = time.perf_counter()
+                with torch.no_grad():
+                    mu = score_actions(model, tokenizer, prompts, actions)
+                rescore = time.perf_counter() - start
+                tokens = sum(len(a) for a in actions)
+                distance = sum(abs(a - b) for a, b in zip(own, mu)) / tokens
+                print(f"ct2 {compute_type:<13} (1 call)            : {tokens:6d} tokens in {seconds:7.1f} s = "
+                      f"{tokens / seconds:7.1f} tokens/s ({tokens / seconds / batched_rate:.2f}x); with the log mu "
+                      f"rescoring ({rescore:.1f} s): {tokens / (seconds + rescore):.1f} tokens/s "
+                      f"({tokens / (seconds + rescore) / batched_rate:.2f}x); mean |own - mu| {distance:.4f} "
+                      f"nats/token")
 
 if __name__ == "__main__":
     main()

