@@ -177,7 +177,7 @@ class TrunkMemo:
         self.rows = TrunkCache(max_bytes)
         self._fingerprint: str | None = None
         self.replayed = 0
-        """Forward passes that ran the adapted layers only."""
+        """Forward passes that ran the adapted layers only (counted by the caller that replays)."""
         self.recorded = 0
         """Forward passes that ran in full and recorded their rows."""
 
@@ -194,7 +194,6 @@ class TrunkMemo:
         found = [self.rows.get(key) for key in keys]
         if not found or any(entry is None for entry in found):
             return None
-        self.replayed += 1
         out = found[0][0].new_zeros(len(found), width, found[0][0].shape[-1])
         for index, (row,) in enumerate(found):
             out[index, : row.shape[0]] = row

@@ -178,6 +178,7 @@ class Policy(nn.Module):
         keys = memo.keys("sequence", [row[: int(n)].tolist() for row, n in zip(input_ids, lengths)])
         trunk = memo.fetch(keys, input_ids.shape[1])
         if trunk is not None:
+            memo.replayed += 1
             with top_layers_only(self.model, self.trunk_depth):
                 out = self._decoder()(inputs_embeds=trunk, **inputs)
             return out.last_hidden_state, trunk if keep_trunk else None
@@ -308,10 +309,12 @@ class Policy(nn.Module):
             context_keys = memo.keys("context", contexts)
             option_keys = memo.keys("option", [(contexts[int(c)], option_ids[r, : int(n) - 1].tolist())
                                                for r, (c, n) in enumerate(zip(context_of_row, lengths))])
-            found = memo.fetch(context_keys, width), memo.fetch(option_keys, option_width - 1)
-            replay = found if found[0] is not None and (option_width == 1 or found[1] is not None) else None
+            options = memo.fetch(option_keys, option_width - 1) if option_width > 1 else None
+            found = memo.fetch(context_keys, width), options
+            replay = found if found[0] is not None and (option_width == 1 or options is not None) else None
         with contextlib.ExitStack() as stack:
             if replay is not None:  # every row's trunk is known: run the adapted layers only
+                memo.replayed += 1
                 top = stack.enter_context(top_layers_only(model, self.trunk_depth))
                 context_inputs = {"inputs_embeds": replay[0], "cache": DynamicCache(config=top.cache_config)}
                 option_inputs = {"inputs_embeds": replay[1]}
