@@ -1,6 +1,6 @@
 """A second epoch over cross-group states with the trunk memo (`model.trunk_memo_gib`) against the first.
 
-    .venv/bin/python benchmarks/bench_trunk_memo.py [--data_dir runs/rollout/arc_easy] [--items 8]
+    .venv/bin/python benchmarks/bench_trunk_memo.py [--data_dir runs/rollout/arc_easy] [--items 8] [--fp32]
 
 Builds `configs/trialign.yaml`'s module (LoRA on layers 22-29 of 30, the training precision of the shipped config:
 bf16 autocast where native), takes the first `--items` cross-group states of the rollout, and runs:
@@ -9,8 +9,9 @@ bf16 autocast where native), takes the first `--items` cross-group states of the
 2. epoch 2: the same states paired differently (so padded differently), replayed through layers 22-29;
 3. epoch 2 again from the same weights with the memo off (the full forward), for the losses to compare.
 
-Prints each epoch's seconds, the ratio epoch 2 / epoch 1, and the largest difference between the replayed and the
-full epoch-2 losses. The optimizer steps of epoch 2 are undone between (3) and (2) by restoring the adapters, so both
+Prints each epoch's seconds, the ratio epoch 2 / epoch 1, and both epoch-2 loss sequences with their largest
+difference (in fp32 they agree to rounding; under bf16 the first step agrees and AdamW carries bf16 rounding into
+the later ones). The optimizer steps of epoch 2 are undone between (3) and (2) by restoring the adapters, so both
 start from the same weights.
 """
 
@@ -47,7 +48,7 @@ def epoch(module, optimizer, batches, bf16: bool) -> tuple[float, list[float]]:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return time.perf_counter() - start, losses
 
 
@@ -55,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default=str(ROOT / "runs/rollout/arc_easy"))
     parser.add_argument("--items", type=int, default=8, help="cross-group states per epoch (2 a step)")
+    parser.add_argument("--fp32", action="store_true", help="train in fp32 (default: the config's precision)")
     args = parser.parse_args()
     from trialign.backbone import native_bf16
 
@@ -65,7 +67,7 @@ def main() -> None:
         raise SystemExit("bench_trunk_memo: the config has no trunk memo (model.trunk_memo_gib: 0)")
     optimizer = module.configure_optimizers()
     module.train()
-    bf16 = native_bf16() if module.autocast is None else bool(module.autocast)
+    bf16 = not args.fp32 and (native_bf16() if module.autocast is None else bool(module.autocast))
     items = state_items(datamodule, args.items)
     first = [datamodule.collator(items[i:i + 2]) for i in range(0, len(items), 2)]
     shifted = items[1:] + items[:1]  # other pairs, so other padding: the memo must serve rows, not batches
@@ -86,7 +88,7 @@ def main() -> None:
     print(f"epoch 1 (records): {seconds_1:.1f} s; epoch 2 replayed ({replayed} forward passes from the memo, "
           f"{memo.rows.nbytes / 2**20:.0f} MiB): {seconds_2:.1f} s = {seconds_2 / seconds_1:.2f} of epoch 1; "
           f"epoch 2 in full: {seconds_full:.1f} s; largest loss difference {gap:.2e} "
-          f"(losses {', '.join(f'{x:.4f}' for x in losses_2)})")
+          f"(replayed {', '.join(f'{x:.4f}' for x in losses_2)}; full {', '.join(f'{x:.4f}' for x in losses_full)})")
 
 
 if __name__ == "__main__":
