@@ -57,6 +57,21 @@ def test_documents_become_the_items_of_the_shipped_loader(task_dir):
     assert load_task(f"lmeval:{TASK}", path=str(task_dir / f"{TASK}.yaml"), limit=3) == items[:3]
 
 
+def test_a_generate_until_task_with_numeric_targets_reads_as_the_shipped_gsm8k(tmp_path):
+    """GSM8K's lm-eval format (generate_until, the worked solution as target): numeric items, the number after
+    '####' the gold answer, as the project's own gsm8k loader reads the same file."""
+    data = Path(__file__).resolve().parent.parent / "trialign" / "data" / "benchmarks" / "gsm8k" / "test.jsonl"
+    (tmp_path / "gsm8k_local.yaml").write_text("\n".join([
+        "task: gsm8k_local", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {data}",
+        "output_type: generate_until", "test_split: test", 'doc_to_text: "Question: {{question}}\\nAnswer:"',
+        'doc_to_target: "{{answer}}"', "generation_kwargs:", "  until: ['Question:']", "metric_list:",
+        "  - metric: exact_match"]) + "\n")
+    items = load_task("lmeval:gsm8k_local", path=str(tmp_path), limit=4)
+    shipped = load_task("gsm8k", limit=4)
+    assert [(i.question, i.gold, i.answer_type) for i in items] == [(g.question, g.gold, "numeric") for g in shipped]
+    assert items[0].is_correct("She makes $18 a day.") and not items[0].is_correct("17")
+
+
 def test_framing_is_left_to_the_probe_template():
     assert lmeval._question_and_context("Question: Why?\nAnswer:") == ("Why?", "")
     assert lmeval._question_and_context("Passage text.\nQuestion: Why?\nAnswer:") == ("Why?", "Passage text.")

@@ -438,3 +438,14 @@ def test_lmeval_parity_is_a_table_naming_each_difference(tmp_path, capsys):
     assert "| base model | 100 | acc | 0.540 | 0.540 | equal |" in markdown
     assert "| base model | 100 | acc_norm | 0.470 | 0.460 | +0.010 |" in markdown
     assert "lm-eval parity" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_results_mode_pairs_an_adapters_evaluation_with_the_others_on_the_same_items(tmp_path, capsys):
+    base = audit_document("base model", "gsm8k", TRAIN_GROUPS, 0.5, 0.3, 0, seed=1, mode="probe")
+    trained = audit_document("tuned", "gsm8k", TRAIN_GROUPS, 0.5, 0.1, 0, seed=1, mode="probe")
+    trained["config"]["adapter"] = "runs/x/adapter"
+    paths = [write_result(tmp_path / "base", base), write_result(tmp_path / "tuned", trained)]
+    assert run_cli(capsys, "report", "--results", *map(str, paths), "--output", str(tmp_path / "out"))[0] == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "**Paired differences**" in markdown and "| tuned − base model | 30 |" in markdown
+    assert "- tuned vs the strongest baseline (base model): consistency +" in markdown

@@ -148,7 +148,8 @@ def from_experiment(folder: str | Path, title: str | None = None) -> Report:
 
 
 def from_results(folders: Sequence[str | Path], title: str | None = None) -> Report:
-    """The report of plain `trialign evaluate` output folders (method = label, split = task and group file)."""
+    """The report of plain `trialign evaluate` output folders (method = label, split = task and group file; an
+    evaluation with an adapter is a trained method, so a split holding one gets paired differences from it)."""
     require(len(folders) > 0, "results: expected at least one evaluate output folder")
     evaluations = []
     for folder in folders:
@@ -159,7 +160,9 @@ def from_results(folders: Sequence[str | Path], title: str | None = None) -> Rep
         task = str(document.task or config.get("task") or "task")
         groups = config.get("groups")
         groups = Path(str(groups)).stem if groups else f"{len(document.groups)} groups"
-        evaluations.append(Evaluation(method, f"{task} / {groups}", path, document, digest))
+        # An evaluation of a trained adapter is "trained": the paired differences are taken from it (the first).
+        kind = "trained" if config.get("adapter") else "training-free"
+        evaluations.append(Evaluation(method, f"{task} / {groups}", path, document, digest, kind=kind))
     return Report(title or "TriAlign evaluation report", _unique(evaluations), None, source="results")
 
 
