@@ -449,3 +449,13 @@ def test_results_mode_pairs_an_adapters_evaluation_with_the_others_on_the_same_i
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "**Paired differences**" in markdown and "| tuned − base model | 30 |" in markdown
     assert "- tuned vs the strongest baseline (base model): consistency +" in markdown
+
+
+def test_results_from_folders_of_the_same_name_get_distinct_method_names(tmp_path, capsys):
+    a = audit_document("base model", "gsm8k", TRAIN_GROUPS, 0.5, 0.3, 0, seed=1, mode="probe")
+    b = audit_document("base model", "gsm8k", TRAIN_GROUPS, 0.5, 0.1, 0, seed=2, mode="probe")
+    b["config"]["adapter"] = "runs/x/adapter"
+    paths = [write_result(tmp_path / "run_a" / "probe", a), write_result(tmp_path / "run_b" / "probe", b)]
+    assert run_cli(capsys, "report", "--results", *map(str, paths), "--output", str(tmp_path / "out"))[0] == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| base model (run_b/probe) − base model (run_a/probe) | 30 |" in markdown

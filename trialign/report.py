@@ -160,20 +160,24 @@ def from_results(folders: Sequence[str | Path], title: str | None = None) -> Rep
         task = str(document.task or config.get("task") or "task")
         groups = config.get("groups")
         groups = Path(str(groups)).stem if groups else f"{len(document.groups)} groups"
-        # An evaluation of a trained adapter is "trained": the paired differences are taken from it (the first).
-        kind = "trained" if config.get("adapter") else "training-free"
-        evaluations.append(Evaluation(method, f"{task} / {groups}", path, document, digest, kind=kind))
+        evaluations.append(Evaluation(method, f"{task} / {groups}", path, document, digest))
     return Report(title or "TriAlign evaluation report", _unique(evaluations), None, source="results")
 
 
 def _unique(evaluations: list[Evaluation]) -> list[Evaluation]:
-    """Give repeated (method, split) pairs distinct method names (the folder name is added)."""
-    counts: dict[tuple[str, str], int] = {}
+    """Give repeated (method, split) pairs distinct method names: the folder's name is added, with as many of its
+    parents as it takes to tell them apart (``runs/a/probe`` and ``runs/b/probe`` become ``a/probe``, ``b/probe``)."""
+    groups: dict[tuple[str, str], list[Evaluation]] = {}
     for e in evaluations:
-        counts[(e.method, e.split)] = counts.get((e.method, e.split), 0) + 1
-    for e in evaluations:
-        if counts[(e.method, e.split)] > 1:
-            e.method = f"{e.method} ({e.path.parent.name})"
+        groups.setdefault((e.method, e.split), []).append(e)
+    for (method, _), same in groups.items():
+        if len(same) < 2:
+            continue
+        folders = [e.path.parent.resolve().parts for e in same]
+        depth = next((d for d in range(1, max(map(len, folders)) + 1)
+                      if len({parts[-d:] for parts in folders}) == len(same)), None)
+        for index, (e, parts) in enumerate(zip(same, folders)):
+            e.method = f"{method} ({'/'.join(parts[-depth:]) if depth else index + 1})"
     return evaluations
 
 
@@ -223,8 +227,11 @@ def paired_differences(report: Report, split: str):
     from trialign.comparison import Evaluated, paired_table
 
     if split not in report.paired:
-        evaluations = [Evaluated(e.method, e.kind, e.path.parent, e.groups, e.document.reference,
-                                 e.metric("consistency")[0]) for e in report.in_split(split)]
+        # Without an experiment's kinds, an evaluation of an adapter counts as trained: the differences are
+        # taken from the first such one.
+        evaluations = [Evaluated(e.method, e.kind or ("trained" if e.document.config.get("adapter") else None),
+                                 e.path.parent, e.groups, e.document.reference, e.metric("consistency")[0])
+                       for e in report.in_split(split)]
         try:
             report.paired[split] = paired_table(evaluations, seed=int(report.seed))
         except TriAlignError as err:  # e.g. results of an evaluate run that kept no per-item rows
