@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: E402
 from trialign.groups import load_groups, reference_group  # noqa: E402
-from trialign.probe import AnswerProbe, render_context  # noqa: E402
+from trialign.probe import AnswerProbe, option_accuracy, render_context  # noqa: E402
 from trialign.prompts import PROBE_TEMPLATES, build_messages  # noqa: E402
 from trialign.tasks import load_task  # noqa: E402
 
@@ -43,10 +43,8 @@ def lm_eval_context(item) -> str:
 
 def accuracy(probe, items, contexts) -> tuple[float, float, list[int]]:
     scores = probe.score_options(contexts, [list(i.options) for i in items])
-    choices = [s.acc_choice for s in scores]
-    acc = sum(c in i.correct_options for c, i in zip(choices, items)) / len(items)
-    acc_norm = sum(s.acc_norm_choice in i.correct_options for s, i in zip(scores, items)) / len(items)
-    return acc, acc_norm, choices
+    acc = option_accuracy(scores, items)
+    return acc["acc"], acc["acc_norm"], [s.acc_choice for s in scores]
 
 
 def main() -> None:

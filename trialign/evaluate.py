@@ -343,15 +343,16 @@ def format_report(metrics: dict[str, dict[str, float]], records: AuditRecords) -
 def lmeval_parity(config: EvaluateConfig, model, tokenizer, items) -> dict:
     """lm-eval's own ``acc``/``acc_norm`` on `items`' documents, and the project's scorer (`AnswerProbe`) on the same
     documents in lm-eval's prompt format, with their differences (trialign − lm-eval)."""
-    from trialign.probe import AnswerProbe
+    from trialign.probe import AnswerProbe, option_accuracy
     from trialign.tasks.lmeval import is_lmeval_task, lmeval_accuracy, lmeval_context
 
     require(is_lmeval_task(config.task), f"lmeval_parity: needs an lmeval:<task>, got task {config.task!r}")
     require(config.mode == "probe", "lmeval_parity: lm-eval scores options after its own prompt; use mode probe")
+    require(all(item.has_options for item in items),
+            f"lmeval_parity: task {config.task} is not multiple_choice; lm-eval's acc is defined on options only")
     scores = AnswerProbe(model, tokenizer, batch_size=config.batch_size).score_options(
-        [lmeval_context(item) for item in items], [list(item.options or ()) for item in items])
-    ours = {"acc": float(np.mean([s.acc_choice in i.correct_options for s, i in zip(scores, items)])),
-            "acc_norm": float(np.mean([s.acc_norm_choice in i.correct_options for s, i in zip(scores, items)]))}
+        [lmeval_context(item) for item in items], [list(item.options) for item in items])
+    ours = option_accuracy(scores, items)
     theirs = lmeval_accuracy(model, tokenizer, config.task, [item.meta["doc_id"] for item in items],
                              include_path=config.task_path, batch_size=config.batch_size)
     return {"documents": len(items), "trialign": ours, "lm_eval": theirs,

@@ -101,6 +101,15 @@ class OptionScores:
         return [loglik / chars for loglik, chars in zip(self.logliks, self.num_chars)]
 
 
+def option_accuracy(scores: Sequence[OptionScores], items: Sequence[Item]) -> dict[str, float]:
+    """lm-eval's ``acc`` and ``acc_norm`` of option `scores` on their `items`: the share whose chosen option
+    (`OptionScores.acc_choice` / `acc_norm_choice`) is correct."""
+    if len(scores) != len(items) or not items:
+        raise TriAlignError(f"option_accuracy: expected one score per item, got {len(scores)} for {len(items)}")
+    return {"acc": sum(s.acc_choice in i.correct_options for s, i in zip(scores, items)) / len(items),
+            "acc_norm": sum(s.acc_norm_choice in i.correct_options for s, i in zip(scores, items)) / len(items)}
+
+
 @dataclass
 class ProbeResult:
     """What the probe reads from one context."""

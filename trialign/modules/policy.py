@@ -182,10 +182,9 @@ class Policy(nn.Module):
             with top_layers_only(self.model, self.trunk_depth):
                 out = self._decoder()(inputs_embeds=trunk, **inputs)
             return out.last_hidden_state, trunk if keep_trunk else None
-        with layer_inputs(self._decoder(), self.trunk_depth) as recorded:
-            out = self._decoder()(input_ids=input_ids, **inputs)
-        memo.record(keys, recorded[0], lengths.tolist())
-        return out.last_hidden_state, recorded[0] if keep_trunk else None
+        out, trunk = self._decode(True, input_ids=input_ids, **inputs)
+        memo.record(keys, trunk, lengths.tolist())
+        return out.last_hidden_state, trunk if keep_trunk else None
 
     def reference_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                 trunk: torch.Tensor | None = None) -> torch.Tensor:

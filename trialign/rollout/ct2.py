@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from trialign.errors import TriAlignError
+from trialign.fileio import sha256_file
 from trialign.rollout.config import CT2_COMPUTE_TYPES as COMPUTE_TYPES
 from trialign.rollout.sampler import Generation, GenerationCache, Sample
 from trialign.tokens import stop_token_ids
@@ -42,10 +43,7 @@ def _fingerprint(location: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(location.iterdir()):
         if path.is_file() and (path.suffix in (".json", ".safetensors", ".bin") or path.name == "tokenizer.model"):
-            digest.update(path.name.encode())
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
+            digest.update(f"{path.name}:{sha256_file(path)};".encode())
     return digest.hexdigest()[:16]
 
 

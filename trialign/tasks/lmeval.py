@@ -48,6 +48,11 @@ def is_lmeval_task(name: object) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def _task_name(name: str) -> str:
+    """lm-eval's name of ``lmeval:<task>`` (given with or without the prefix)."""
+    return name[len(PREFIX):] if is_lmeval_task(name) else name
+
+
 def _lm_eval():
     try:
         import lm_eval  # noqa: F401
@@ -75,7 +80,7 @@ def task_manager(include_path: str | None):
 
 def load_lmeval_task(name: str, include_path: str | None = None):
     """The lm-eval `Task` object of ``lmeval:<task>`` (`name` with or without the prefix)."""
-    task_name = name[len(PREFIX):] if is_lmeval_task(name) else name
+    task_name = _task_name(name)
     manager = task_manager(include_path)
     where = f"task {PREFIX}{task_name}"
     if task_name not in manager.all_subtasks:
@@ -134,8 +139,7 @@ def _numeric_gold(target: Any, where: str) -> str:
 def lmeval_items(name: str, include_path: str | None = None) -> list[Item]:
     """Every document of the split lm-eval evaluates for ``lmeval:<task>``, as `Item`s (module docstring)."""
     task = load_lmeval_task(name, include_path)
-    task_name = name[len(PREFIX):] if is_lmeval_task(name) else name
-    item_task = PREFIX + task_name
+    item_task = PREFIX + _task_name(name)
     output_type = task.config.output_type
     if output_type not in OUTPUT_TYPES:
         raise TriAlignError(f"task {item_task}: output type {output_type!r} is not supported (expected one of "
@@ -183,11 +187,11 @@ def lmeval_accuracy(model, tokenizer, name: str, doc_ids: list[int], include_pat
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    task_name = name[len(PREFIX):] if is_lmeval_task(name) else name
-    load_lmeval_task(name, include_path)  # the same one-line errors as the items
+    task_name = _task_name(name)
+    task = load_lmeval_task(name, include_path)  # the same one-line errors as the items; lm-eval runs this object
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     wrapper = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(model=wrapper, tasks=[task_name], task_manager=task_manager(include_path),
+    results = simple_evaluate(model=wrapper, tasks=[task], task_manager=task_manager(include_path),
                               samples={task_name: list(doc_ids)}, bootstrap_iters=0, log_samples=False,
                               num_fewshot=0)
     scores = results["results"][task_name]
