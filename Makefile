@@ -14,7 +14,7 @@ demo: setup
 
 # Every method (8 trained, 3 training-free) at the demo's sizes.
 full: setup
-	$(PY) -m trialign experiment --config configs/experiment/full.yaml
+	$(PY) -m trialign experiment --config configs/experiment/full.yaml $(if $(wildcard runs/experiment/demo/experiment.json),--reuse-from runs/experiment/demo)
 
 # The same pipeline in a few minutes (a smoke test, not a result).
 quick: setup

@@ -25,6 +25,16 @@ resumes from its written shards; a killed fit resumes from ``checkpoints/last.ck
 evaluation is redone (it writes its files atomically, so a half-finished one leaves nothing). Rerunning with a
 different config is refused unless ``--overwrite``, which deletes this experiment's folder first.
 
+Reusing another experiment's steps (``reuse_from: runs/experiment/demo``): a step this experiment has not done is
+copied from that experiment's folder when it finished there with the same inputs: the rollout with the same model,
+rollout config (file content included) and overrides; a fit with that rollout, the same method name, config chain
+(contents) and `fit_args`; an evaluation of such a method (or the same training-free baseline) on a split with the
+same settings, batch size, bootstrap, seed and probe precision. The other folder's files are copied (never linked
+or moved), its measured seconds kept and marked ``reused_from``. The other experiment's file contents are those it
+recorded after its rollout (``fingerprints.config_files``); a file it did not record is never reused. Like a
+resume, a reuse trusts the code to be the one that ran the other experiment. `make full` reuses the demo's steps
+this way.
+
 Rollout and fits run as subprocesses (`python -m trialign ...`), so each gets a fresh process and a kill of one is
 the same as a kill of a standalone run; evaluations run in this process and load the base model from its cache
 (under a second).
@@ -116,6 +126,9 @@ class ExperimentConfig:
     """Bootstrap resamples for the 95% CIs."""
     seed: int = 0
     """Seed of the evaluations (the rollout and fit configs carry their own)."""
+    reuse_from: str | None = None
+    """Another experiment's folder: copy its finished steps whose inputs equal this experiment's instead of running
+    them again (module docstring, "Reusing"). It does not decide the results, so a resume may add or drop it."""
     overwrite: bool = False
     """Delete an existing experiment with another config in `output` and start over."""
 
@@ -141,9 +154,10 @@ class ExperimentConfig:
                 f"trunk_cache_gib: expected a number >= 0, got {self.trunk_cache_gib!r}")
 
     def content(self) -> dict[str, Any]:
-        """The settings that decide the results (all but `overwrite`)."""
+        """The settings that decide the results (all but `overwrite` and `reuse_from`)."""
         data = dataclasses.asdict(self)
         data.pop("overwrite")
+        data.pop("reuse_from")
         return data
 
 
@@ -295,6 +309,84 @@ class Experiment:
         steps.append(Step("report", "report", self.run_report))
         return steps
 
+    # ---- reusing another experiment's steps ----------------------------------------------------------------------
+    def step_inputs(self, key: str, file_hash: Any) -> dict[str, Any] | None:
+        """What decides the result of step `key` (None for the report, which is always rewritten). `file_hash(path)`
+        gives a config file's content hash; it raises KeyError for a file whose content is unknown."""
+        c = self.config
+        rollout = {"model": c.model, "rollout_config": c.rollout_config, "rollout_set": c.rollout_set,
+                   "rollout_file": file_hash(c.rollout_config)}
+        kind, _, rest = key.partition("/")
+        if kind == "rollout":
+            return rollout
+        if kind == "fit":
+            from trialign.config_io import config_chain
+
+            path = c.methods[rest]
+            return {"rollout": rollout, "config": path, "fit_args": c.fit_args,
+                    "files": {str(p): file_hash(str(p)) for p, _ in config_chain(path)}}
+        if kind == "eval":
+            name, split = rest.split("/")
+            method = (self.step_inputs(f"fit/{name}", file_hash) if name in c.methods
+                      else {"training_free": TRAINING_FREE[name]})
+            return {"method": method, "split": self.splits()[split], "batch_size": c.batch_size,
+                    "bootstrap": c.bootstrap, "seed": c.seed, "probe_autocast": c.probe_autocast}
+        return None
+
+    @staticmethod
+    def step_files(key: str) -> list[str]:
+        """The folders step `key` writes, relative to the run folder, and its log."""
+        kind, _, rest = key.partition("/")
+        folder = {"rollout": "rollout", "fit": f"train/{rest}", "eval": f"eval/{rest}"}.get(kind)
+        return ([folder] if folder else []) + [f"logs/{key.replace('/', '_')}.log"]
+
+    def open_reuse(self) -> tuple[Experiment, ExperimentState] | None:
+        """The experiment named by `reuse_from` and its state; one-line errors name the folder."""
+        source = self.config.reuse_from
+        if not source:
+            return None
+        where = f"reuse_from {source}"
+        require(Path(source).resolve() != self.out.resolve(), f"{where}: is this experiment's own output")
+        state_file = Path(source) / "experiment.json"
+        require(state_file.is_file(), f"{where}: not an experiment folder (no experiment.json)")
+        state = read_state(state_file)
+        names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+        try:
+            config = ExperimentConfig(**{k: v for k, v in state.config.items() if k in names})
+        except (TriAlignError, TypeError) as err:
+            raise TriAlignError(f"{where}: its config no longer loads ({err})") from None
+        return Experiment(dataclasses.replace(config, trunk_cache_gib=0)), state
+
+    def reuse(self, key: str, source: tuple[Experiment, ExperimentState]) -> dict[str, Any] | None:
+        """Copy step `key` from the other experiment when it finished there with equal inputs; its done-entry or
+        None."""
+        other, state = source
+        if key not in state.done:
+            return None
+        from trialign.fileio import sha256_file
+
+        recorded = state.fingerprints.get("config_files", {})
+        try:
+            mine = self.step_inputs(key, sha256_file)
+            theirs = other.step_inputs(key, recorded.__getitem__)
+        except (KeyError, ValueError, OSError):
+            return None  # a method the other experiment does not have, or a file whose content it did not record
+        if mine is None or mine != theirs:
+            return None
+        files = self.step_files(key)
+        if not all((other.out / f).exists() for f in files[:-1]):
+            return None
+        for relative in files:
+            src, dst = other.out / relative, self.out / relative
+            if not src.exists():
+                continue
+            if dst.exists():
+                shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+        return {"seconds": float(state.done[key].get("seconds", 0.0)),
+                "reused_from": str(state.done[key].get("reused_from", other.out))}
+
     # ---- the steps ---------------------------------------------------------------------------------------------
     def _subprocess(self, key: str, args: list[str]) -> None:
         log_path = self.out / "logs" / (key.replace("/", "_") + ".log")
@@ -378,12 +470,21 @@ class Experiment:
 def run(config: ExperimentConfig) -> ExperimentState:
     """Run every unfinished step in order; returns the final state (also in experiment.json)."""
     experiment = Experiment(config)
+    source = experiment.open_reuse()
     state = experiment.prepare()
     steps = experiment.steps()
     started = time.perf_counter()
     for number, step in enumerate(steps, 1):
         if step.key in state.done:
             log.info("[%d/%d] %s: done before, skipped", number, len(steps), step.describe)
+            continue
+        if source is not None and (entry := experiment.reuse(step.key, source)) is not None:
+            state.done[step.key] = entry
+            if step.key == "rollout":
+                state.fingerprints = experiment.fingerprints()
+            experiment.save(state)
+            log.info("[%d/%d] %s: reused from %s (%.0f s there)", number, len(steps), step.describe,
+                     entry["reused_from"], entry["seconds"])
             continue
         log.info("[%d/%d] %s ...", number, len(steps), step.describe)
         t0 = time.perf_counter()
@@ -395,8 +496,10 @@ def run(config: ExperimentConfig) -> ExperimentState:
         experiment.save(state)
         log.info("[%d/%d] %s: %.0f s", number, len(steps), step.describe, seconds)
     total = state.step_seconds()
+    reused = sum(float(d["seconds"]) for d in state.done.values() if "reused_from" in d)
+    reused_note = f", {reused:.0f} s reused" if reused else ""
     print(f"\nexperiment {config.name}: {len(steps)} steps, {total:.0f} s of work "
-          f"({time.perf_counter() - started:.0f} s in this run)\nreport: {experiment.out / 'report.md'}, "
+          f"({time.perf_counter() - started:.0f} s in this run{reused_note})\nreport: {experiment.out / 'report.md'}, "
           f"{experiment.out / 'report.html'}")
     return state
 

@@ -27,8 +27,9 @@ class ExperimentState:
     name: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     """`ExperimentConfig.content()`: a rerun with another config is refused (or, with --overwrite, starts over)."""
-    done: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Finished steps and their seconds of work."""
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Finished steps and their seconds of work (``seconds``); a step copied from another experiment also names
+    that experiment's folder (``reused_from``) and keeps the seconds measured there."""
     methods: list[dict[str, Any]] = field(default_factory=list)
     evaluations: list[dict[str, str]] = field(default_factory=list)
     """One entry per (method, split): the evaluate output folder, relative to the run folder."""
