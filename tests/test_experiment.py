@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -92,6 +93,80 @@ def test_challenge_ends_only_the_personalization_split_with_a_challenge_turn(tmp
     EvaluateConfig(**splits["personalization"])  # a valid evaluate config (generate mode)
 
 
+def finished_experiment(tmp_path: Path, config: ExperimentConfig) -> Experiment:
+    """`config`'s folder as if every step had run: experiment.json with its done steps and the contents of its
+    config files, and a marker file in each step's folder."""
+    from trialign.config_io import config_chain
+    from trialign.fileio import sha256_file
+
+    experiment = Experiment(config)
+    state = experiment.prepare()
+    for step in experiment.steps()[:-1]:
+        folder, log_file = experiment.step_files(step.key)
+        (experiment.out / folder).mkdir(parents=True)
+        (experiment.out / folder / "marker.txt").write_text(step.key)
+        (experiment.out / log_file).write_text(f"log of {step.key}")
+        state.done[step.key] = {"seconds": 10.0}
+    files = [config.rollout_config, *(str(p) for c in config.methods.values() for p, _ in config_chain(c))]
+    state.fingerprints = {"config_files": {path: sha256_file(path) for path in files}}
+    experiment.save(state)
+    return experiment
+
+
+def test_reuse_copies_exactly_the_steps_whose_inputs_are_the_same(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    base = dict(rollout_config="configs/rollout/arc_easy.yaml", eval_limit=4, transfer_task=None,
+                personalization_limit=0, heldout_groups=None)
+    demo = finished_experiment(tmp_path, ExperimentConfig(
+        output=str(tmp_path / "demo"), methods={"trialign": "configs/trialign.yaml"}, training_free=["base"],
+        **base))
+    full = Experiment(ExperimentConfig(
+        output=str(tmp_path / "full"), reuse_from=str(demo.out), training_free=["base", "same_answer"],
+        methods={"trialign": "configs/trialign.yaml", "bc": "configs/baselines/bc.yaml"}, **base))
+    full.prepare()
+    source = full.open_reuse()
+    reused = {step.key: full.reuse(step.key, source) for step in full.steps()}
+    assert {k for k, v in reused.items() if v} == {"rollout", "fit/trialign", "eval/trialign/main", "eval/base/main"}
+    assert reused["fit/trialign"] == {"seconds": 10.0, "reused_from": str(demo.out)}
+    assert (full.out / "train/trialign/marker.txt").read_text() == "fit/trialign"
+    assert (full.out / "logs/eval_base_main.log").read_text() == "log of eval/base/main"
+    assert (demo.out / "train/trialign/marker.txt").is_file()  # copied, not moved
+    assert not (full.out / "train/bc").exists() and not (full.out / "eval/same_answer").exists()
+
+    # Another evaluation size reuses the rollout and the fit, no evaluation; another rollout setting nothing.
+    for change, expected in (({"eval_limit": 5}, {"rollout", "fit/trialign"}),
+                             ({"rollout_set": {"states_limit": 8}}, set())):
+        other = Experiment(ExperimentConfig(**{**dataclasses.asdict(full.config), **change,
+                                               "output": str(tmp_path / f"o{len(expected)}")}))
+        other.prepare()
+        source = other.open_reuse()
+        assert {s.key for s in other.steps() if other.reuse(s.key, source)} == expected
+
+    # A method config whose content changed since the other experiment ran (its recorded hash differs): the fit
+    # and its evaluations run again; the rollout and the base model's evaluation are still the same.
+    state = json.loads((demo.out / "experiment.json").read_text())
+    state["fingerprints"]["config_files"]["configs/trialign.yaml"] = "0" * 64
+    (demo.out / "experiment.json").write_text(json.dumps(state))
+    other = Experiment(dataclasses.replace(full.config, output=str(tmp_path / "changed")))
+    other.prepare()
+    source = other.open_reuse()
+    assert {s.key for s in other.steps() if other.reuse(s.key, source)} == {"rollout", "eval/base/main"}
+
+
+@pytest.mark.parametrize(("reuse", "expected"), [
+    ("nowhere", "reuse_from nowhere: not an experiment folder (no experiment.json)"),
+    ("SELF", "is this experiment's own output"),
+])
+def test_bad_reuse_from_is_a_one_line_error(tmp_path, capsys, monkeypatch, reuse, expected):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "x"
+    code = main(["experiment", "--config", "configs/experiment/quick.yaml", "--output", str(out),
+                 "--reuse-from", str(out) if reuse == "SELF" else reuse])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("override", "expected"), [
     ("training_free=[oracle]", "training_free: unknown baseline(s) oracle"),
     ("methods={x: missing.yaml}", "methods.x: config file missing.yaml not found"),
@@ -164,6 +239,25 @@ def test_pipeline_killed_then_rerun_gives_the_results_of_an_uninterrupted_run(tm
     results = all_metrics(killed)
     assert sorted(results) == sorted(e["path"] for e in state["evaluations"])
     assert results == all_metrics(reference)
+
+    # A third experiment with one more baseline, reusing the first: only that baseline's evaluations run.
+    (tmp_path / "c").mkdir()
+    extended = tmp_path / "extended"
+    config = tiny_experiment(tmp_path / "c", tiny_model_dir, extended)
+    values = yaml.safe_load(config.read_text())
+    values["training_free"] = ["base", "same_answer", "pref_aligner"]
+    config.write_text(yaml.safe_dump({**values, "name": "extended"}, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "trialign", "experiment", "--config", str(config),
+                           "--reuse-from", str(reference)],
+                          env=environment(), capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    extended_state = json.loads((extended / "experiment.json").read_text())
+    ran = {key for key, entry in extended_state["done"].items() if "reused_from" not in entry}
+    assert ran == {"report"} | {f"eval/same_answer/{s}" for s in ("main", "personalization", "heldout_groups",
+                                                                  "transfer")}
+    assert extended_state["done"]["fit/trialign"]["reused_from"] == str(reference)
+    extended_results = all_metrics(extended)
+    assert {k: v for k, v in extended_results.items() if "same_answer" not in k} == all_metrics(reference)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/experiment").glob("*.yaml")), ids=lambda p: p.stem)
