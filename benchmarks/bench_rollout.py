@@ -7,6 +7,9 @@ Every episode of the items is sampled in one call per backend, as `trialign roll
 
 * `HFSampler` batched (the reference: left padding, one KV cache, repeated prompts prefilled once, log mu from the
   sampling pass), and once per episode (`--no-single` skips it);
+* transformers `generate` with a static KV cache and its forward compiled by `torch.compile` (`--compile`; the
+  candidate the performance issue names first): the same left-padded prompts, one call to compile and warm up (timed
+  separately), then the timed call at the same shapes;
 * `CT2Sampler` (`backend: ct2`) for each `--ct2` compute type (the model converted once into a temporary cache),
   plus the transformers model's log mu of what it sampled (the rescoring `trialign rollout` adds, timed too), and
   the distance of the backend's own log-probabilities from it: mean |own - mu| per token.
@@ -32,6 +35,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--ct2", nargs="*", default=["int8"], help="CTranslate2 compute types to measure")
     parser.add_argument("--no-single", action="store_true", help="skip the one-call-per-episode HF reference")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure generate with a static cache and torch.compile (inductor)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,6 +76,8 @@ def main() -> None:
         single_seconds = time.perf_counter() - start
         print(f"hf, one generate call per episode     : {single_tokens:6d} tokens in {single_seconds:7.1f} s = "
               f"{single_tokens / single_seconds:7.1f} tokens/s ({single_tokens / single_seconds / batched_rate:.2f}x)")
+    if args.compile:
+        compiled_rate(model, tokenizer, prompts, args.max_new_tokens, batched_rate)
     if args.ct2:
         import tempfile
 
@@ -99,6 +106,35 @@ def main() -> None:
                       f"rescoring ({rescore:.1f} s): {tokens / (seconds + rescore):.1f} tokens/s "
                       f"({tokens / (seconds + rescore) / batched_rate:.2f}x); mean |own - mu| {distance:.4f} "
                       f"nats/token")
+
+def compiled_rate(model, tokenizer, prompts, max_new_tokens: int, reference: float) -> None:
+    """generate with `cache_implementation="static"` and the forward compiled (transformers compiles it itself
+    when the cache is static; on CPU only when the compile config allows every device)."""
+    from transformers import CompileConfig, GenerationConfig
+
+    from trialign.tokens import left_pad, padding_id, stop_token_ids
+
+    stops = stop_token_ids(tokenizer, model)
+    ids, mask = left_pad(prompts, padding_id(tokenizer))
+    compile_config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+    compile_config._compile_all_devices = True  # transformers' own switch: CPU is not on its default list
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                              min_new_tokens=1, eos_token_id=stops, pad_token_id=padding_id(tokenizer),
+                              cache_implementation="static", compile_config=compile_config)
+    times = []
+    with torch.inference_mode():
+        for seed in (0, 1):  # the first call compiles; the second runs at the same shapes
+            torch.manual_seed(seed)
+            start = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            times.append(time.perf_counter() - start)
+    # Counted as the reference counts them: each row's tokens up to and including its stop token.
+    rows = out[:, ids.shape[1]:].tolist()
+    tokens = sum(next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in rows)
+    print(f"hf static cache + torch.compile       : {tokens:6d} tokens in {times[1]:7.1f} s = "
+          f"{tokens / times[1]:7.1f} tokens/s ({tokens / times[1] / reference:.2f}x); the first call, which "
+          f"compiles: {times[0]:.1f} s")
+
 
 if __name__ == "__main__":
     main()

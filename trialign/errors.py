@@ -22,3 +22,12 @@ def require(condition: bool, message: str) -> None:
     """Raise `TriAlignError(message)` unless `condition` holds."""
     if not condition:
         raise TriAlignError(message)
+
+
+def require_module(module: str, what: str, install: str) -> None:
+    """A one-line error naming `what` needs `module` and how to `install` it, when `module` is not importable
+    (the check every optional extra's entry point makes before importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise TriAlignError(f"{what}: {module} is not installed; {install}")

@@ -18,14 +18,13 @@ a changed model is converted again; the folder appears only when complete.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from trialign.errors import TriAlignError
+from trialign.errors import TriAlignError, require_module
 from trialign.fileio import sha256_file
 from trialign.rollout.config import CT2_COMPUTE_TYPES as COMPUTE_TYPES
 from trialign.rollout.sampler import Generation, GenerationCache, Sample
@@ -34,9 +33,7 @@ from trialign.tokens import stop_token_ids
 
 def require_ct2() -> None:
     """A one-line error when the optional CTranslate2 backend is not installed."""
-    if importlib.util.find_spec("ctranslate2") is None:
-        raise TriAlignError("backend 'ct2': ctranslate2 is not installed; install it with "
-                            "`pip install 'trialign[ct2]'`, or use backend 'hf'")
+    require_module("ctranslate2", "backend 'ct2'", "install it with `pip install 'trialign[ct2]'`, or use backend 'hf'")
 
 
 def _fingerprint(location: Path) -> str:

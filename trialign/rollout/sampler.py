@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from trialign.errors import TriAlignError
+from trialign.errors import require_module
 from trialign.tokens import (common_prefix_length, end_of_turn_id, left_pad, padding_id, positions_from_mask,
                              select_cache_rows, stop_token_ids, token_logprobs)
 
@@ -242,11 +242,8 @@ class HFSampler:
 
 def require_vllm() -> None:
     """A one-line error when the optional vLLM backend is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        raise TriAlignError("backend 'vllm': vllm is not installed; install it with `pip install trialign[vllm]` "
-                            "on a CUDA machine, or use backend 'hf'")
+    require_module("vllm", "backend 'vllm'",
+                   "install it with `pip install trialign[vllm]` on a CUDA machine, or use backend 'hf'")
 
 
 class VLLMSampler:
