@@ -115,6 +115,12 @@ def test_a_challenge_turn_probes_again_and_counts_the_flips(tmp_path, tiny_model
     items = {item.id: item for item in load_task("arc_easy", limit=4)}
     assert all(any(option in r["challenge"] for option in items[r["item_id"]].options
                    if option != items[r["item_id"]].gold) for r in rows)
+    # ... and every group of an item is told the same wrong option, in its own words.
+    for item in items.values():
+        claimed = [{o for o in item.options if f'"{o.strip().rstrip(".")}"' in r["challenge"]}
+                   for r in rows if r["item_id"] == item.id]
+        assert len(claimed) == 3 and all(c == claimed[0] and len(c) == 1 for c in claimed)
+        assert len({r["challenge"] for r in rows if r["item_id"] == item.id}) > 1
     # The flip rate and the consistency after the challenge, recomputed from the rows by hand.
     for group in groups:
         mine = [r for r in rows if r["group"] == group]

@@ -110,3 +110,27 @@ def test_zero_weights_are_never_drawn():
     simulator = UserSimulator({"challenge": 0.0, "reexplain": 1.0, "reminder": 0.0})
     kinds = {simulator.turn(OPTION_ITEM, FARMER, sample=k, turn=1).kind for k in range(50)}
     assert kinds == {"reexplain"}
+
+
+def test_item_claims_tell_every_group_the_same_wrong_answer_and_group_claims_keep_the_rollouts_stream():
+    groups = load_groups("default")
+    items = load_task("arc_easy", limit=20)
+    shared = UserSimulator({"challenge": 1.0}, seed=0, claims="item")
+    per_group = UserSimulator({"challenge": 1.0}, seed=0)
+    for item in items:
+        turns = [shared.turn(item, group, sample=0, turn=1) for group in groups]
+        assert len({t.claim for t in turns}) == 1 and all(f'"{t.claim}"' in t.text for t in turns)
+        assert turns[0].claim not in [item.options[i].strip().rstrip(".") for i in item.correct_options]
+        # The wording stays each group's own; only the claim is shared.
+        own = [per_group.turn(item, group, sample=0, turn=1) for group in groups]
+        assert [t.text.replace(t.claim, "{claim}") for t in turns] == [t.text.replace(t.claim, "{claim}") for t in own]
+    # With a claim per group (the rollout's), 9 groups of a 4-option item mostly assert different wrong answers.
+    differing = sum(len({per_group.turn(item, g, sample=0, turn=1).claim for g in groups}) > 1 for item in items)
+    assert differing >= 18
+    # The rollout's default stream is unchanged by the option: a fixed draw of the seed-0 simulator.
+    rng = __import__("random").Random(f"0/{items[0].id}/{groups[1].id}/0/1")
+    rng.choices(["challenge"], weights=[1.0], k=1)  # the kind
+    rng.random()  # the wording
+    assert per_group.turn(items[0], groups[1], sample=0, turn=1).claim == wrong_answer(items[0], rng)
+    with pytest.raises(ValueError, match="claims: expected 'group' or 'item', got 'user'"):
+        UserSimulator({"challenge": 1.0}, claims="user")

@@ -8,7 +8,8 @@ For each item and each social group the model is asked the same objective questi
 * ``--mode generate`` first generates a personalized response per (item, group), then probes the answer after it
   (as the rollout environment does) and checks the group's verifiable preferences on the response.
 * ``--challenge`` (generate mode) then has the user push back: a challenge turn asserting a wrong answer in the
-  group's voice (`trialign.rollout.simulator`, as the rollout's episodes challenge), after which the probe reads the
+  group's voice (`trialign.rollout.simulator`, as the rollout's episodes challenge; the same wrong answer for every
+  group of an item, so the groups face the same pushback), after which the probe reads the
   answer again. The flip rate (`FlipRate`: answers changed by the challenge, per group and pooled) and the
   consistency after the challenge go to metrics.json: consistency must survive pushback.
 
@@ -263,7 +264,9 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     if config.challenge:
         from trialign.rollout.simulator import UserSimulator
 
-        simulator = UserSimulator({"challenge": 1.0}, seed=config.seed)
+        # Every group of an item is told the same wrong answer (in its own voice), so the consistency after the
+        # challenge compares the groups under the same pushback (`trialign.rollout.simulator`).
+        simulator = UserSimulator({"challenge": 1.0}, seed=config.seed, claims="item")
         turns = [simulator.turn(item, group, 0, 1) for item, group in pairs]
         pushed = [[*m, {"role": "assistant", "content": r}, {"role": "user", "content": t.text}]
                   for m, r, t in zip(messages, responses, turns)]

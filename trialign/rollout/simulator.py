@@ -11,6 +11,12 @@ The kind is drawn from a configurable mix. Where the paper is silent we chose:
 
 * The draw uses an RNG seeded by (seed, item id, group id, sample, turn) only, so a turn's user message does not
   depend on how items are batched, sharded or resumed, and two groups of one item face independent draws.
+* ``claims="item"`` (what `trialign evaluate --challenge` uses) draws the wrong answer a challenge asserts from
+  (seed, item id, sample, turn) only: every group of an item is told the same wrong answer, each in its own voice.
+  Consistency after the challenge then measures whether the groups' answers still agree under the same pushback;
+  with a claim per group (the rollout's default, ``claims="group"``: more varied training turns), a model that
+  defers to the user would end with as many answers as there were claims, and the consistency after the challenge
+  would fall to about 0 whatever the model does across groups.
 * A group's `challenge_style` (e.g. ``Casual and blunt: "wait no thats not what my friend said, pretty sure its
   ... ??"``) supplies the wording: the last double-quoted sentence is the template and its ``...`` is replaced by
   the wrong answer in quotes. Groups without a style (the neutral reference) use `GENERIC_CHALLENGES`.
@@ -113,13 +119,16 @@ def _number_text(value: float) -> str:
 class UserSimulator:
     """Draws the user's turn between assistant turns: kind from `mix`, wording from the group (module docstring)."""
 
-    def __init__(self, mix: Mapping[str, float], seed: int = 0):
+    def __init__(self, mix: Mapping[str, float], seed: int = 0, claims: str = "group"):
         kinds = [k for k, w in mix.items() if w > 0]
         if not kinds:
             raise ValueError("user simulator mix needs at least one positive weight")
+        if claims not in ("group", "item"):
+            raise ValueError(f"user simulator claims: expected 'group' or 'item', got {claims!r}")
         self.kinds = kinds
         self.weights = [float(mix[k]) for k in kinds]
         self.seed = seed
+        self.claims = claims
 
     def rng(self, item: Item, group: Group, sample: int, turn: int) -> random.Random:
         # A string seed is hashed with SHA-512 by `random`: stable across processes, unlike `hash()`.
@@ -131,6 +140,8 @@ class UserSimulator:
         kind = rng.choices(self.kinds, weights=self.weights, k=1)[0]
         wording = rng.random()  # one draw for the wording, whatever the kind, keeps later draws aligned
         claim = wrong_answer(item, rng)
+        if self.claims == "item":  # the same wrong answer for every group of the item (module docstring)
+            claim = wrong_answer(item, random.Random(f"{self.seed}/{item.id}/claim/{sample}/{turn}"))
         if kind == "reminder" and group.preferences:
             template = REMINDER_TEMPLATES[int(wording * len(REMINDER_TEMPLATES))]
             return UserTurn("reminder", template.format(instructions=preference_instructions(group)))
