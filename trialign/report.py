@@ -239,7 +239,8 @@ def paired_differences(report: Report, split: str):
     return report.paired[split]
 
 
-CHALLENGE_NOTE = "the user then asserts a wrong answer; the probe reads the answer again"
+CHALLENGE_NOTE = ("the user then asserts a wrong answer, the same for every group of an item; the probe reads the "
+                  "answer again")
 
 
 def challenge_tables(report: Report, split: str) -> list[tuple[str, list[str], list[list[str]], dict]]:
