@@ -111,7 +111,7 @@ def test_audit_under_personas_and_parity_with_lm_eval(task_dir, tiny_model_dir, 
     rows = [json.loads(line) for line in (out / "per_item.jsonl").read_text().splitlines()]
     assert len(rows) == 24 * 9 and rows[0]["item_id"] == f"lmeval:{TASK}/00008"
     parity = result.lmeval_parity
-    assert parity["documents"] == 24 and set(parity["lm_eval"]) == {"acc", "acc_norm"}
+    assert parity["documents"] == 24 and set(parity["lm_eval"]) == {"acc", "acc_norm"} and parity["seconds"] > 0
     for metric in ("acc", "acc_norm"):  # the same decisions: equal counts of correct documents
         assert round(parity["trialign"][metric] * 24) == round(parity["lm_eval"][metric] * 24), parity
 

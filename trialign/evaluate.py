@@ -353,18 +353,21 @@ def lmeval_parity(config: EvaluateConfig, model, tokenizer, items) -> dict:
     require(config.mode == "probe", "lmeval_parity: lm-eval scores options after its own prompt; use mode probe")
     require(all(item.has_options for item in items),
             f"lmeval_parity: task {config.task} is not multiple_choice; lm-eval's acc is defined on options only")
+    started = time.perf_counter()
     scores = AnswerProbe(model, tokenizer, batch_size=config.batch_size).score_options(
         [lmeval_context(item) for item in items], [list(item.options) for item in items])
     ours = option_accuracy(scores, items)
     theirs = lmeval_accuracy(model, tokenizer, config.task, [item.meta["doc_id"] for item in items],
                              include_path=config.task_path, batch_size=config.batch_size)
     return {"documents": len(items), "trialign": ours, "lm_eval": theirs,
-            "difference": {k: ours[k] - theirs[k] for k in theirs}}
+            "difference": {k: ours[k] - theirs[k] for k in theirs},
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def format_parity(parity: dict) -> str:
     """The parity check in a few lines, naming any difference."""
-    lines = [f"lm-eval parity on {parity['documents']} documents (neutral, lm-eval's zero-shot prompt):"]
+    lines = [f"lm-eval parity on {parity['documents']} documents (neutral, lm-eval's zero-shot prompt; "
+             f"{parity.get('seconds', 0):.0f} s):"]
     for metric, theirs in parity["lm_eval"].items():
         ours, diff = parity["trialign"][metric], parity["difference"][metric]
         verdict = "equal" if abs(diff) < 1e-9 else f"differs by {diff:+.4f}"

@@ -38,6 +38,8 @@ class EvaluationResult:
     reference: str | None = None
     mode: str = ""
     seconds: float = 0.0
+    """Wall time of the audit: loading the model (and adapter), then probing or generating; the bootstrap and the
+    lm-eval parity check (`lmeval_parity["seconds"]` where it ran) are not in it."""
     lmeval_parity: dict[str, Any] | None = None
     """`trialign evaluate --lmeval-parity`: lm-eval's own acc/acc_norm on the documents beside the project's
     (`trialign.evaluate.lmeval_parity`); None otherwise."""
