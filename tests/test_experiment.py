@@ -142,6 +142,16 @@ def test_reuse_copies_exactly_the_steps_whose_inputs_are_the_same(tmp_path, monk
         source = other.open_reuse()
         assert {s.key for s in other.steps() if other.reuse(s.key, source)} == expected
 
+    # Another rollout's data (its shards' fingerprints differ, say a nondeterministic backend): only the rollout.
+    state = json.loads((demo.out / "experiment.json").read_text())
+    (demo.out / "experiment.json").write_text(json.dumps({**state, "fingerprints": {
+        **state["fingerprints"], "rollout_shards": {"shard-00000-of-00001.parquet": "f" * 64}}}))
+    other = Experiment(dataclasses.replace(full.config, output=str(tmp_path / "data")))
+    other.prepare()
+    source = other.open_reuse()
+    assert {s.key for s in other.steps() if other.reuse(s.key, source)} == {"rollout"}
+    (demo.out / "experiment.json").write_text(json.dumps(state))
+
     # A method config whose content changed since the other experiment ran (its recorded hash differs): the fit
     # and its evaluations run again; the rollout and the base model's evaluation are still the same.
     state = json.loads((demo.out / "experiment.json").read_text())

@@ -27,8 +27,9 @@ different config is refused unless ``--overwrite``, which deletes this experimen
 
 Reusing another experiment's steps (``reuse_from: runs/experiment/demo``): a step this experiment has not done is
 copied from that experiment's folder when it finished there with the same inputs: the rollout with the same model,
-rollout config (file content included) and overrides; a fit with that rollout, the same method name, config chain
-(contents) and `fit_args`; an evaluation of such a method (or the same training-free baseline) on a split with the
+rollout config (file content included) and overrides; a fit with that rollout (the same settings, and the same
+rollout shards and model weights by their fingerprints), the same method name, config chain (contents) and
+`fit_args`; an evaluation of such a method (or the same training-free baseline) on a split with the
 same settings, batch size, bootstrap, seed and probe precision. The other folder's files are copied (never linked
 or moved), its measured seconds kept and marked ``reused_from``. The other experiment's file contents are those it
 recorded after its rollout (``fingerprints.config_files``); a file it did not record is never reused. Like a
@@ -373,6 +374,10 @@ class Experiment:
             return None  # a method the other experiment does not have, or a file whose content it did not record
         if mine is None or mine != theirs:
             return None
+        if key != "rollout":  # a fit or evaluation also needs the same data and model weights, not only settings
+            here = self.fingerprints()
+            if any(here.get(k) != state.fingerprints.get(k) for k in ("model_weights", "rollout_shards")):
+                return None
         files = self.step_files(key)
         if not all((other.out / f).exists() for f in files[:-1]):
             return None
