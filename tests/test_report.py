@@ -342,6 +342,24 @@ def test_tables_fit_a_1400_px_window_without_horizontal_scroll(experiment, tmp_p
     assert_tables_fit_1400_px(experiment / "report.html", tmp_path)
 
 
+@pytest.mark.timeout(240)
+def test_tables_fit_1400_px_with_every_method_of_make_full_and_nine_groups(tmp_path):
+    """`make full`'s width: 11 methods (underscored names that cannot wrap at a space) x the 9 default groups in
+    generate mode, where the per-group table has a column per method."""
+    from trialign.groups import load_groups
+
+    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+        pytest.skip("no chromium binary on PATH (Debian: apt-get install chromium)")
+    groups = [g.id for g in load_groups("default")]
+    names = ["trialign", "bc", "dpo", "grdpo", "maxmin", "utilitarian", "trialign_no_penalty", "trialign_no_nsw",
+             "base", "same_answer", "pref_aligner"]
+    folders = [str(write_result(tmp_path / "eval" / name, audit_document(name, "arc_easy", groups, 0.5, 0.2, 0.4,
+                                                                         seed=k, n_items=20)))
+               for k, name in enumerate(names)]
+    assert cli_main(["report", "--results", *folders, "--output", str(tmp_path / "report")]) == 0
+    assert_tables_fit_1400_px(tmp_path / "report" / "report.html", tmp_path)
+
+
 def test_paired_differences_are_the_paired_bootstrap_of_the_per_item_rows(experiment):
     from trialign.comparison import compare, read_item_arrays, signed
 

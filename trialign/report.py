@@ -460,7 +460,8 @@ def _h(text: Any) -> str:
 def _html_table(header: list[str], rows: list[list[str]], bold: dict[tuple[int, int], bool] | None = None,
                 code_columns: Iterable[int] = ()) -> str:
     bold, code_columns = bold or {}, set(code_columns)
-    head = "".join(f"<th>{_h(c)}</th>" for c in header)
+    # A method name may break after an underscore: with 11 methods the per-group tables would not fit otherwise.
+    head = "".join(f"<th>{_h(c).replace('_', '_<wbr>')}</th>" for c in header)
     body = []
     for r, row in enumerate(rows):
         cells = []
