@@ -27,7 +27,7 @@ different config is refused unless ``--overwrite``, which deletes this experimen
 
 Reusing another experiment's steps (``reuse_from: runs/experiment/demo``): a step this experiment has not done is
 copied from that experiment's folder when it finished there with the same inputs: the rollout with the same model,
-rollout config (file content included) and overrides; a fit with that rollout (the same settings, and the same
+rollout config content (wherever the file lies) and overrides; a fit with that rollout (the same settings, and the same
 rollout shards and model weights by their fingerprints), the same method name, config chain (contents) and
 `fit_args`; an evaluation of such a method (or the same training-free baseline) on a split with the
 same settings, batch size, bootstrap, seed and probe precision. The other folder's files are copied (never linked
@@ -315,8 +315,8 @@ class Experiment:
         """What decides the result of step `key` (None for the report, which is always rewritten). `file_hash(path)`
         gives a config file's content hash; it raises KeyError for a file whose content is unknown."""
         c = self.config
-        rollout = {"model": c.model, "rollout_config": c.rollout_config, "rollout_set": c.rollout_set,
-                   "rollout_file": file_hash(c.rollout_config)}
+        # Files by content, not by path: a copy of a config in another folder decides the same.
+        rollout = {"model": c.model, "rollout_set": c.rollout_set, "rollout_file": file_hash(c.rollout_config)}
         kind, _, rest = key.partition("/")
         if kind == "rollout":
             return rollout
@@ -324,8 +324,8 @@ class Experiment:
             from trialign.config_io import config_chain
 
             path = c.methods[rest]
-            return {"rollout": rollout, "config": path, "fit_args": c.fit_args,
-                    "files": {str(p): file_hash(str(p)) for p, _ in config_chain(path)}}
+            return {"rollout": rollout, "fit_args": c.fit_args,
+                    "files": [file_hash(str(p)) for p, _ in config_chain(path)]}
         if kind == "eval":
             name, split = rest.split("/")
             method = (self.step_inputs(f"fit/{name}", file_hash) if name in c.methods
