@@ -358,9 +358,10 @@ class Experiment:
             raise TriAlignError(f"{where}: its config no longer loads ({err})") from None
         return Experiment(dataclasses.replace(config, trunk_cache_gib=0)), state
 
-    def reuse(self, key: str, source: tuple[Experiment, ExperimentState]) -> dict[str, Any] | None:
+    def reuse(self, key: str, source: tuple[Experiment, ExperimentState],
+              fingerprints: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Copy step `key` from the other experiment when it finished there with equal inputs; its done-entry or
-        None."""
+        None. `fingerprints`: this experiment's (its state's, recorded after the rollout), else computed here."""
         other, state = source
         if key not in state.done:
             return None
@@ -375,7 +376,7 @@ class Experiment:
         if mine is None or mine != theirs:
             return None
         if key != "rollout":  # a fit or evaluation also needs the same data and model weights, not only settings
-            here = self.fingerprints()
+            here = self.fingerprints() if fingerprints is None else fingerprints
             if any(here.get(k) != state.fingerprints.get(k) for k in ("model_weights", "rollout_shards")):
                 return None
         files = self.step_files(key)
@@ -483,7 +484,7 @@ def run(config: ExperimentConfig) -> ExperimentState:
         if step.key in state.done:
             log.info("[%d/%d] %s: done before, skipped", number, len(steps), step.describe)
             continue
-        if source is not None and (entry := experiment.reuse(step.key, source)) is not None:
+        if source is not None and (entry := experiment.reuse(step.key, source, state.fingerprints or None)) is not None:
             state.done[step.key] = entry
             if step.key == "rollout":
                 state.fingerprints = experiment.fingerprints()
