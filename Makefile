@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo full quick audit test test-fast test-latest lock lint
+.PHONY: setup demo full seeds quick audit test test-fast test-latest lock lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup_env.sh scripts/check_env.py
 	bash scripts/setup_env.sh $(VENV)
@@ -15,6 +15,10 @@ demo: setup
 # Every method (8 trained, 3 training-free) at the demo's sizes.
 full: setup
 	$(PY) -m trialign experiment --config configs/experiment/full.yaml $(if $(wildcard runs/experiment/demo/experiment.json),--reuse-from runs/experiment/demo)
+
+# TriAlign, DPO and the no-penalty ablation with training seeds 0, 1 and 2, pooled (the demo's main split).
+seeds: setup
+	$(PY) -m trialign experiment --config configs/experiment/seeds.yaml $(if $(wildcard runs/experiment/demo/experiment.json),--reuse-from runs/experiment/demo)
 
 # The same pipeline in a few minutes (a smoke test, not a result).
 quick: setup

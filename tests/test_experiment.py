@@ -163,6 +163,32 @@ def test_reuse_copies_exactly_the_steps_whose_inputs_are_the_same(tmp_path, monk
     assert {s.key for s in other.steps() if other.reuse(s.key, source)} == {"rollout", "eval/base/main"}
 
 
+def test_extra_seeds_fit_every_method_again_as_replicas_that_the_method_itself_does_not_see(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    base = dict(rollout_config="configs/rollout/arc_easy.yaml", eval_limit=4, transfer_task=None,
+                personalization_limit=0, heldout_groups=None, training_free=["base"], fit_args=["--x", "1"])
+    methods = {"trialign": "configs/trialign.yaml", "dpo": "configs/baselines/dpo.yaml"}
+    demo = finished_experiment(tmp_path, ExperimentConfig(output=str(tmp_path / "demo"), methods=methods, **base))
+    seeds = Experiment(ExperimentConfig(output=str(tmp_path / "seeds"), methods=methods, extra_seeds=[1, 2],
+                                        reuse_from=str(demo.out), **base))
+    fits = seeds.fits()
+    assert list(fits) == ["trialign", "dpo", "trialign_seed1", "dpo_seed1", "trialign_seed2", "dpo_seed2"]
+    assert fits["trialign"].args == ["--x", "1"] and fits["trialign"].replica_of is None
+    assert fits["dpo_seed2"].args == ["--x", "1", "--seed_everything", "2", "--data.seed", "2"]
+    assert fits["dpo_seed2"].config_file == "configs/baselines/dpo.yaml"
+    entries = {m["name"]: m for m in seeds.methods()}
+    assert entries["trialign_seed1"]["replica_of"] == "trialign" and entries["trialign_seed1"]["seed"] == 1
+    assert "replica_of" not in entries["trialign"] and entries["base"]["kind"] == "training-free"
+    keys = [s.key for s in seeds.steps()]
+    assert "fit/dpo_seed1" in keys and "eval/trialign_seed2/main" in keys
+    # The methods as configured are the same fits as in an experiment without replicas: they are reused; the
+    # replicas, fitted with other seeds, are not (the other experiment has none).
+    seeds.prepare()
+    source = seeds.open_reuse()
+    reused = {key for key in keys if seeds.reuse(key, source)}
+    assert reused == {"rollout", "fit/trialign", "fit/dpo", "eval/trialign/main", "eval/dpo/main", "eval/base/main"}
+
+
 @pytest.mark.parametrize(("reuse", "expected"), [
     ("nowhere", "reuse_from nowhere: not an experiment folder (no experiment.json)"),
     ("SELF", "is this experiment's own output"),
@@ -182,12 +208,16 @@ def test_bad_reuse_from_is_a_one_line_error(tmp_path, capsys, monkeypatch, reuse
     ("methods={x: missing.yaml}", "methods.x: config file missing.yaml not found"),
     ("methods={base: configs/trialign.yaml}", "methods: name(s) base also used by a training-free baseline"),
     ("eval_limit=0", "eval_limit: expected a positive integer, got 0"),
+    ("extra_seeds=[1, 1]", "extra_seeds: seeds repeat in [1, 1]"),
+    ("extra_seeds=[-1]", "extra_seeds: expected a list of integers >= 0, got [-1]"),
+    (("methods={trialign: configs/trialign.yaml, trialign_seed1: configs/trialign.yaml}", "extra_seeds=[1]"),
+     "methods: name(s) trialign_seed1 clash with a replica of extra_seeds"),
     ("rollout_config=nope.yaml", "rollout_config: config file nope.yaml not found"),
 ])
 def test_bad_experiment_settings_are_one_line_errors(tmp_path, capsys, monkeypatch, override, expected):
     monkeypatch.chdir(ROOT)
-    code = main(["experiment", "--config", "configs/experiment/quick.yaml", "--output", str(tmp_path / "x"),
-                 "--set", override])
+    sets = [arg for value in ((override,) if isinstance(override, str) else override) for arg in ("--set", value)]
+    code = main(["experiment", "--config", "configs/experiment/quick.yaml", "--output", str(tmp_path / "x"), *sets])
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()

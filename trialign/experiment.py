@@ -36,6 +36,10 @@ recorded after its rollout (``fingerprints.config_files``); a file it did not re
 resume, a reuse trusts the code to be the one that ran the other experiment. `make full` reuses the demo's steps
 this way.
 
+Training seeds (``extra_seeds: [1, 2]``): every trained method is fitted again with each seed, as the replica
+``<method>_seed<S>``, and each replica is evaluated on every split like a method of its own. The method as configured
+keeps its name, folders and step inputs, so an experiment with replicas reuses another's fits of the methods.
+
 Rollout and fits run as subprocesses (`python -m trialign ...`), so each gets a fresh process and a kill of one is
 the same as a kill of a standalone run; evaluations run in this process and load the base model from its cache
 (under a second).
@@ -74,6 +78,11 @@ TRAINING_FREE = {
 SPLITS = ("main", "personalization", "heldout_groups", "transfer")
 
 
+def replica_name(method: str, seed: int) -> str:
+    """The name of trained method `method` fitted with training seed `seed` (`ExperimentConfig.extra_seeds`)."""
+    return f"{method}_seed{seed}"
+
+
 @dataclass
 class ExperimentConfig:
     """Settings of `trialign experiment` (YAML keys; flags and ``--set key=value`` override them)."""
@@ -92,6 +101,11 @@ class ExperimentConfig:
     """Trained methods: name -> `trialign fit` config file."""
     fit_args: list[str] = field(default_factory=list)
     """Extra `fit` flags for every method (e.g. ``[--trainer.max_steps, "8"]``)."""
+    extra_seeds: list[int] = field(default_factory=list)
+    """Training seeds besides each method's own: every trained method is fitted again with each seed S
+    (`fit_args`, then ``--seed_everything S --data.seed S``), as the replica ``<method>_seed<S>``, and evaluated on
+    every split. The report shows each replica and pools a method's replicas in its paired differences, seeds
+    resampled with the items (`trialign.comparison`, "Replicas")."""
     training_free: list[str] = field(default_factory=lambda: list(TRAINING_FREE))
     """Training-free baselines, from: base, same_answer, pref_aligner."""
     eval_limit: int = 16
@@ -144,6 +158,13 @@ class ExperimentConfig:
             require(name.replace("_", "").replace("-", "").isalnum(),
                     f"methods: name '{name}' must be letters, digits, '_' or '-' (it names a folder)")
             require(Path(path).is_file(), f"methods.{name}: config file {path} not found")
+        require(isinstance(self.extra_seeds, list) and all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.extra_seeds),
+            f"extra_seeds: expected a list of integers >= 0, got {self.extra_seeds!r}")
+        require(len(set(self.extra_seeds)) == len(self.extra_seeds),
+                f"extra_seeds: seeds repeat in {self.extra_seeds}")
+        replicas = sorted(set(self.methods) & {replica_name(m, s) for m in self.methods for s in self.extra_seeds})
+        require(not replicas, f"methods: name(s) {', '.join(replicas)} clash with a replica of extra_seeds")
         require(Path(self.rollout_config).is_file(), f"rollout_config: config file {self.rollout_config} not found")
         for name in ("eval_limit", "transfer_limit", "batch_size"):
             require(getattr(self, name) > 0, f"{name}: expected a positive integer, got {getattr(self, name)}")
@@ -171,6 +192,18 @@ class Step:
     describe: str
     run: Any
     """Callable doing the work; raises on failure."""
+
+
+@dataclass
+class Fit:
+    """One `trialign fit` of an experiment."""
+
+    config_file: str
+    args: list[str]
+    """`fit` flags after the experiment's own (data, model, output): `fit_args`, and a replica's seed flags."""
+    replica_of: str | None = None
+    """The method a replica refits with another seed (None for the method itself)."""
+    seed: int | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -261,12 +294,23 @@ class Experiment:
 
     # ---- what runs ---------------------------------------------------------------------------------------------
     def methods(self) -> list[dict[str, Any]]:
-        trained = [{"name": name, "kind": "trained", "config_file": path,
-                    "adapter": str(self.out / "train" / name / "adapter")}
-                   for name, path in self.config.methods.items()]
+        trained = [{"name": name, "kind": "trained", "config_file": fit.config_file,
+                    "adapter": str(self.out / "train" / name / "adapter"),
+                    **({"replica_of": fit.replica_of, "seed": fit.seed} if fit.replica_of else {})}
+                   for name, fit in self.fits().items()]
         free = [{"name": name, "kind": "training-free", "settings": TRAINING_FREE[name]}
                 for name in self.config.training_free]
         return trained + free
+
+    def fits(self) -> dict[str, Fit]:
+        """Every trained model, by name: each method as configured, then its replicas (`extra_seeds`)."""
+        c = self.config
+        fits = {name: Fit(path, list(c.fit_args)) for name, path in c.methods.items()}
+        for seed in c.extra_seeds:
+            for name, path in c.methods.items():
+                flags = ["--seed_everything", str(seed), "--data.seed", str(seed)]
+                fits[replica_name(name, seed)] = Fit(path, [*c.fit_args, *flags], replica_of=name, seed=seed)
+        return fits
 
     def splits(self) -> dict[str, dict[str, Any]]:
         """Evaluate settings of each split (before the method's own)."""
@@ -299,8 +343,10 @@ class Experiment:
 
     def steps(self) -> list[Step]:
         steps = [Step("rollout", f"rollout ({self.task}, {self.train_items} items)", self.run_rollout)]
-        for name, path in self.config.methods.items():
-            steps.append(Step(f"fit/{name}", f"fit {name} ({path})", lambda n=name, p=path: self.run_fit(n, p)))
+        for name, fit in self.fits().items():
+            seed = f", seed {fit.seed}" if fit.replica_of else ""
+            steps.append(Step(f"fit/{name}", f"fit {name} ({fit.config_file}{seed})",
+                              lambda n=name, f=fit: self.run_fit(n, f)))
         methods = {m["name"]: m for m in self.methods()}
         splits = self.splits()
         for entry in self.evaluations():
@@ -323,12 +369,12 @@ class Experiment:
         if kind == "fit":
             from trialign.config_io import config_chain
 
-            path = c.methods[rest]
-            return {"rollout": rollout, "fit_args": c.fit_args,
-                    "files": [file_hash(str(p)) for p, _ in config_chain(path)]}
+            fit = self.fits()[rest]
+            return {"rollout": rollout, "fit_args": fit.args,
+                    "files": [file_hash(str(p)) for p, _ in config_chain(fit.config_file)]}
         if kind == "eval":
             name, split = rest.split("/")
-            method = (self.step_inputs(f"fit/{name}", file_hash) if name in c.methods
+            method = (self.step_inputs(f"fit/{name}", file_hash) if name in self.fits()
                       else {"training_free": TRAINING_FREE[name]})
             return {"method": method, "split": self.splits()[split], "batch_size": c.batch_size,
                     "bootstrap": c.bootstrap, "seed": c.seed, "probe_autocast": c.probe_autocast}
@@ -426,11 +472,10 @@ class Experiment:
             args += ["--set", override]
         self._subprocess("rollout", args)
 
-    def run_fit(self, name: str, config_file: str) -> None:
+    def run_fit(self, name: str, fit: Fit) -> None:
         root = self.out / "train" / name
-        args = ["fit", "--config", config_file, "--model.model", self.config.model,
-                "--data.data_dir", str(self.out / "rollout"), "--trainer.default_root_dir", str(root),
-                *self.config.fit_args]
+        args = ["fit", "--config", fit.config_file, "--model.model", self.config.model,
+                "--data.data_dir", str(self.out / "rollout"), "--trainer.default_root_dir", str(root), *fit.args]
         if (root / "checkpoints" / "last.ckpt").is_file():
             args += ["--ckpt_path", "last"]  # a killed fit continues where it stopped
         self._subprocess(f"fit/{name}", args)
