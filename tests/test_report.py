@@ -477,3 +477,40 @@ def test_results_from_folders_of_the_same_name_get_distinct_method_names(tmp_pat
     assert run_cli(capsys, "report", "--results", *map(str, paths), "--output", str(tmp_path / "out"))[0] == 0
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| base model (run_b/probe) − base model (run_a/probe) | 30 |" in markdown
+
+
+def test_replicas_are_rows_of_their_own_and_are_pooled_in_the_paired_differences_and_verdicts(tmp_path):
+    from trialign.comparison import compare_pooled, read_item_arrays, signed
+
+    run = tmp_path / "seeds"
+    methods = {  # name -> (replica_of, accuracy, spread, seed)
+        "trialign": (None, 0.7, 0.05, 1), "dpo": (None, 0.7, 0.15, 2), "trialign_seed1": ("trialign", 0.7, 0.25, 3),
+        "dpo_seed1": ("dpo", 0.7, 0.15, 4), "trialign_seed2": ("trialign", 0.7, 0.10, 5), "base": (None, 0.7, 0.4, 6)}
+    entries = []
+    for name, (_, acc, spread, seed) in methods.items():
+        write_result(run / "eval" / name / "main", audit_document(name, "arc_easy", TRAIN_GROUPS, acc, spread, 0.5,
+                                                                  seed=seed, mode="probe"))
+        entries.append({"method": name, "split": "main", "path": f"eval/{name}/main"})
+    (run / "experiment.json").write_text(json.dumps({"name": "seeds", "config": {}, "evaluations": entries,
+        "methods": [{"name": n, "kind": "training-free" if n == "base" else "trained",
+                     **({"replica_of": r, "seed": int(n[-1])} if r else {})} for n, (r, *_) in methods.items()]}))
+    assert cli_main(["report", "--experiment", str(run)]) == 0
+    main = (run / "report.md").read_text().split("## Split: main", 1)[1]
+    assert [row[0] for row in markdown_tables((run / "report.md").read_text())["main"][1:]] == list(methods)
+    pooled = main.split("**Pooled over training seeds**", 1)[1].split("\n\n", 2)[1].splitlines()
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in pooled[2:])}
+    assert set(rows) == {"trialign ×3 − dpo ×2", "trialign ×3 − base"}
+    arrays = {n: read_item_arrays(run / "eval" / n / "main", TRAIN_GROUPS) for n in methods}
+    result, shared = compare_pooled([arrays[n] for n in ("trialign", "trialign_seed1", "trialign_seed2")],
+                                    [arrays["dpo"], arrays["dpo_seed1"]], "neutral", seed=0)
+    assert rows["trialign ×3 − dpo ×2"][1] == str(shared) == "30"
+    assert rows["trialign ×3 − dpo ×2"][2] == signed(*result["consistency"])
+    # The pooled consistency difference is the difference of the means over each method's replicas.
+    values = {n: json.loads((run / "eval" / n / "main/metrics.json").read_text())["metrics"]["consistency"]["value"]
+              for n in methods}
+    expected = np.mean([values[n] for n in ("trialign", "trialign_seed1", "trialign_seed2")]) - np.mean(
+        [values["dpo"], values["dpo_seed1"]])
+    assert result["consistency"][0] == pytest.approx(expected)
+    # The verdicts are the pooled ones; the per-evaluation table still compares with every replica.
+    assert f"- trialign ×3 vs the strongest baseline (dpo ×2): consistency {signed(*result['consistency'])}" in main
+    assert "- trialign ×3 vs base: consistency" in main and "| trialign − trialign_seed1 |" in main

@@ -153,3 +153,36 @@ def test_paired_bootstrap_needs_the_same_keys():
 
     with pytest.raises(TriAlignError, match="data_b: expected the keys of data_a"):
         paired_bootstrap(lambda d: d["x"].mean(), {"x": np.ones(3)}, {"y": np.ones(3)})
+
+
+def test_pooled_paired_bootstrap_resamples_items_jointly_and_each_methods_seeds_against_a_numpy_reference():
+    from trialign.stats import paired_bootstrap, pooled_paired_bootstrap
+
+    rng = np.random.default_rng(5)
+    hard = rng.random(30) < 0.5
+    # Three seeds of method a (the seed shifts its success rate), two of method b, on the same 30 items.
+    a = [(rng.random(30) < np.where(hard, 0.3, 0.9) - shift).astype(float) for shift in (0.0, 0.1, 0.2)]
+    b = [(rng.random(30) < np.where(hard, 0.1, 0.7)).astype(float) for _ in range(2)]
+    mean = lambda d: d["x"].mean(-1)  # noqa: E731
+    result = pooled_paired_bootstrap(mean, [{"x": x} for x in a], [{"x": x} for x in b], n_resamples=400, seed=3)
+    diff, low, high = result["value"]
+    assert diff == pytest.approx(np.mean([x.mean() for x in a]) - np.mean([x.mean() for x in b]))
+    # Reference: one item draw for all five arrays; per resample, each method's seeds drawn with replacement.
+    idx = np.random.default_rng(3).integers(0, 30, size=(400, 30))
+    seeds = np.random.default_rng([3, 1])
+    pick_a, pick_b = seeds.integers(0, 3, size=(400, 3)), seeds.integers(0, 2, size=(400, 2))
+    diffs = [np.mean([a[k][idx[r]].mean() for k in pick_a[r]]) - np.mean([b[k][idx[r]].mean() for k in pick_b[r]])
+             for r in range(400)]
+    assert (low, high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])))
+    # The seeds' spread widens the interval beyond that of the items alone (every seed of a pooled per item).
+    items_only = paired_bootstrap(mean, {"x": np.mean(a, 0)}, {"x": np.mean(b, 0)}, n_resamples=400, seed=3,
+                                  vectorized=True)["value"]
+    assert high - low > items_only[2] - items_only[1]
+    # One replica each: exactly the paired bootstrap.
+    single = pooled_paired_bootstrap(mean, [{"x": a[0]}], [{"x": b[0]}], n_resamples=400, seed=3)["value"]
+    paired = paired_bootstrap(mean, {"x": a[0]}, {"x": b[0]}, n_resamples=400, seed=3, vectorized=True)["value"]
+    assert single == pytest.approx(paired)
+    with pytest.raises(TriAlignError, match="replicas_b: expected every replica to hold the keys"):
+        pooled_paired_bootstrap(mean, [{"x": a[0]}], [{"y": b[0]}])
+    with pytest.raises(TriAlignError, match="first .item. axis"):
+        pooled_paired_bootstrap(mean, [{"x": a[0]}], [{"x": b[0][:5]}])

@@ -5,6 +5,12 @@ TriAlign more consistent than the base model? — is answered by the *paired* di
 jointly (`trialign.stats.paired_bootstrap`), and what the two methods share (which items are hard) cancels. That
 interval is much narrower than the two methods' own intervals, and it is the one that decides.
 
+Replicas. A method trained with several seeds (`trialign experiment`'s ``extra_seeds``) has one evaluation per seed,
+and its result depends on the seed as much as on the items. `compare_pooled` takes the difference of the two methods'
+means over their replicas, resampling the items jointly and each method's seeds with replacement
+(`trialign.stats.pooled_paired_bootstrap`); `paired_table` adds those rows, and bases its verdicts on them, wherever
+a method has replicas.
+
 `records_from_rows` is the one reader of ``per_item.jsonl`` rows (`trialign evaluate` builds its own arrays with it
 too); `compare` computes the differences of the metrics in `COMPARED` for one pair of evaluations, on the items both
 hold.
@@ -134,22 +140,37 @@ def compare(a: ItemArrays, b: ItemArrays, reference: str | None, n_resamples: in
             ) -> tuple[dict[str, tuple[float, float, float]], int]:
     """Paired differences ``a − b`` of the `COMPARED` metrics, ``{metric: (difference, low, high)}``, over the
     items both hold, and how many those are. Personalization is left out unless both generated responses."""
-    from trialign.stats import paired_bootstrap
+    return compare_pooled([a], [b], reference, n_resamples, seed)
 
-    require(a.group_names == b.group_names, f"groups differ: {a.group_names} vs {b.group_names}")
-    in_b = set(b.item_ids)
-    shared = [item for item in a.item_ids if item in in_b]
-    require(bool(shared), "the two evaluations share no item")
-    a, b = a.take(shared), b.take(shared)
-    challenged = a.answers_after is not None and b.answers_after is not None
+
+def compare_pooled(a: Sequence[ItemArrays], b: Sequence[ItemArrays], reference: str | None, n_resamples: int = 1000,
+                   seed: int = 0) -> tuple[dict[str, tuple[float, float, float]], int]:
+    """`compare` of two methods' replicas (one evaluation per training seed): the difference of their means over
+    replicas, items resampled jointly and each method's replicas with replacement, over the items every replica
+    holds. With one evaluation each it is `compare`."""
+    from trialign.stats import paired_bootstrap, pooled_paired_bootstrap
+
+    every = [*a, *b]
+    require(all(x.group_names == every[0].group_names for x in every),
+            f"groups differ: {sorted({tuple(x.group_names) for x in every})}")
+    held = [set(x.item_ids) for x in every[1:]]
+    shared = [item for item in every[0].item_ids if all(item in h for h in held)]
+    require(bool(shared), "the evaluations share no item")
+    challenged = all(x.answers_after is not None for x in every)
 
     def data(x: ItemArrays) -> dict[str, np.ndarray]:
+        x = x.take(shared)
         arrays = {"correct": x.correct, "answers": x.answers, "personalization": x.personalization}
         return {**arrays, "answers_after": x.answers_after, "challenged": x.challenged} if challenged else arrays
 
-    result = paired_bootstrap(_summary(a.group_names, reference), data(a), data(b), n_resamples=n_resamples,
-                              seed=seed, vectorized=True)
-    if not (a.has_responses and b.has_responses):
+    statistic = _summary(every[0].group_names, reference)
+    if len(a) == len(b) == 1:
+        result = paired_bootstrap(statistic, data(a[0]), data(b[0]), n_resamples=n_resamples, seed=seed,
+                                  vectorized=True)
+    else:
+        result = pooled_paired_bootstrap(statistic, [data(x) for x in a], [data(x) for x in b],
+                                         n_resamples=n_resamples, seed=seed)
+    if not all(x.has_responses for x in every):
         result.pop("personalization_mean", None)
     return result, len(shared)
 
@@ -170,6 +191,13 @@ class Evaluated:
     reference: str | None
     consistency: float | None
     """The point estimate, to find the strongest baseline."""
+    replica_of: str | None = None
+    """The method this evaluation is a replica of (trained with another seed), else None."""
+
+    @property
+    def family(self) -> str:
+        """The method's name, shared by its replicas."""
+        return self.replica_of or self.method
 
 
 def _signed(x: float) -> str:
@@ -191,13 +219,15 @@ def target_method(evaluations: Sequence[Evaluated]) -> Evaluated | None:
 
 @dataclass
 class PairedTables:
-    """`paired_table`'s result: the differences of `COMPARED`, the verdicts, and those of `CHALLENGE_COMPARED` where
-    the evaluations ran a challenge turn (a table of their own, so that each fits the page)."""
+    """`paired_table`'s result: the differences of `COMPARED`, the verdicts, those of `CHALLENGE_COMPARED` where the
+    evaluations ran a challenge turn, and those of each method's replicas pooled where a method has replicas (tables
+    of their own, so that each fits the page)."""
 
     header: list[str]
     rows: list[list[str]]
     verdicts: list[str]
     challenge: tuple[list[str], list[list[str]]] | None = None
+    pooled: tuple[list[str], list[list[str]]] | None = None
 
 
 def _difference_rows(target: str, results: dict[str, tuple[dict, int]], compared) -> tuple[list[str], list[list[str]]]:
@@ -208,10 +238,22 @@ def _difference_rows(target: str, results: dict[str, tuple[dict, int]], compared
     return header, rows
 
 
+def _families(evaluations: Sequence[Evaluated]) -> dict[str, list[Evaluated]]:
+    families: dict[str, list[Evaluated]] = {}
+    for e in evaluations:
+        families.setdefault(e.family, []).append(e)
+    return families
+
+
+def _label(family: str, members: Sequence[Evaluated]) -> str:
+    return f"{family} ×{len(members)}" if len(members) > 1 else family
+
+
 def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed: int = 0) -> PairedTables | None:
-    """Rows ``target − other`` for every other method, ``difference [low, high]`` per `COMPARED` metric, and
+    """Rows ``target − other`` for every other evaluation, ``difference [low, high]`` per `COMPARED` metric, and
     one-line verdicts (against base and against the strongest other baseline by consistency); None when there is
-    nothing to compare (one method, or no target)."""
+    nothing to compare (one method, or no target). Where a method has replicas (training seeds), the rows of the
+    methods pooled over their replicas follow, and the verdicts are theirs."""
     target = target_method(evaluations)
     others = [e for e in evaluations if target is not None and e is not target]
     if target is None or not others:
@@ -219,20 +261,42 @@ def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed
     arrays = {e.method: read_item_arrays(e.folder, e.groups) for e in [target, *others]}
     compared = {other.method: compare(arrays[target.method], arrays[other.method], target.reference, n_resamples,
                                       seed) for other in others}
-    results = {method: result for method, (result, _) in compared.items()}
     header, rows = _difference_rows(target.method, compared, COMPARED)
     challenged = {method: pair for method, pair in compared.items() if "flip_mean" in pair[0]}
     challenge = _difference_rows(target.method, challenged, CHALLENGE_COMPARED) if challenged else None
+    families = _families(evaluations)
+    pooled = None
+    if any(len(members) > 1 for members in families.values()):
+        mine = families[target.family]
+        results = {_label(name, members): compare_pooled([arrays[e.method] for e in mine],
+                                                         [arrays[e.method] for e in members],
+                                                         target.reference, n_resamples, seed)
+                   for name, members in families.items() if name != target.family}
+        pooled = _difference_rows(_label(target.family, mine), results, COMPARED)
+        # Verdicts between families: each the mean of its replicas' consistency.
+        candidates = [Evaluated(_label(name, members), members[0].kind, members[0].folder, members[0].groups,
+                                members[0].reference, _mean([e.consistency for e in members]), name)
+                      for name, members in families.items() if name != target.family]
+        verdict_results, subject = results, _label(target.family, mine)
+        note = "paired bootstrap 95% CI over the shared items, each method's training seeds resampled too"
+    else:
+        candidates = others
+        verdict_results = {method: result for method, result in compared.items()}
+        subject, note = target.method, "paired bootstrap 95% CI over the shared items"
     verdicts = []
-    base = next((e for e in others if e.method == "base"), None)
-    rest = [e for e in others if e.method != "base" and e.consistency is not None]
+    base = next((e for e in candidates if e.family == "base"), None)
+    rest = [e for e in candidates if e.family != "base" and e.consistency is not None]
     strongest = max(rest, key=lambda e: e.consistency) if rest else None
     named = f"the strongest baseline ({strongest.method})" if strongest else ""
     for label, other in (("base", base), (named, strongest)):
         if other is None:
             continue
-        value, low, high = results[other.method]["consistency"]
+        value, low, high = verdict_results[other.method][0]["consistency"]
         verdict = ("higher" if low > 0 else "lower") if excludes_zero(low, high) else "no difference shown"
-        verdicts.append(f"{target.method} vs {label}: consistency {signed(value, low, high)} ({verdict}; paired "
-                        f"bootstrap 95% CI over the shared items)")
-    return PairedTables(header, rows, verdicts, challenge)
+        verdicts.append(f"{subject} vs {label}: consistency {signed(value, low, high)} ({verdict}; {note})")
+    return PairedTables(header, rows, verdicts, challenge, pooled)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if len(known) == len(values) and known else None

@@ -68,6 +68,8 @@ class Evaluation:
     sha256: str
     kind: str | None = None
     """`trained` / `training-free` when the experiment says so."""
+    replica_of: str | None = None
+    """The method this one refits with another training seed (the experiment's ``extra_seeds``)."""
 
     def metric(self, name: str) -> tuple[float | None, float | None, float | None]:
         entry = self.document.metrics.get(name)
@@ -131,6 +133,7 @@ def from_experiment(folder: str | Path, title: str | None = None) -> Report:
     require(bool(entries),
             f"experiment file {manifest_path}: expected a non-empty 'evaluations' list of {{method, split, path}}")
     kinds = {m.get("name"): m.get("kind") for m in state.methods if isinstance(m, dict)}
+    replicas = {m.get("name"): m.get("replica_of") for m in state.methods if isinstance(m, dict)}
     evaluations = []
     for index, entry in enumerate(entries):
         where = f"experiment file {manifest_path}: evaluations[{index}]"
@@ -142,7 +145,8 @@ def from_experiment(folder: str | Path, title: str | None = None) -> Report:
         require(isinstance(raw, str) and raw, f"{where}: expected a string 'path'")
         path = _metrics_path(folder, raw)
         document, digest = read_result(path)
-        evaluations.append(Evaluation(method, split, path, document, digest, kind=kinds.get(method)))
+        evaluations.append(Evaluation(method, split, path, document, digest, kind=kinds.get(method),
+                                      replica_of=replicas.get(method)))
     return Report(title or f"TriAlign experiment: {state.name or folder.name}", _unique(evaluations), state,
                   source=str(manifest_path))
 
@@ -230,13 +234,18 @@ def paired_differences(report: Report, split: str):
         # Without an experiment's kinds, an evaluation of an adapter counts as trained: the differences are
         # taken from the first such one.
         evaluations = [Evaluated(e.method, e.kind or ("trained" if e.document.config.get("adapter") else None),
-                                 e.path.parent, e.groups, e.document.reference, e.metric("consistency")[0])
+                                 e.path.parent, e.groups, e.document.reference, e.metric("consistency")[0],
+                                 e.replica_of)
                        for e in report.in_split(split)]
         try:
             report.paired[split] = paired_table(evaluations, seed=int(report.seed))
         except TriAlignError as err:  # e.g. results of an evaluate run that kept no per-item rows
             report.paired[split] = PairedTables([], [], [f"paired differences not shown: {err}"])
     return report.paired[split]
+
+
+POOLED_NOTE = ("each method as the mean over its replicas (×k: trained with k seeds), items resampled jointly and "
+               "each method's seeds resampled with replacement; the verdicts below are these")
 
 
 CHALLENGE_NOTE = ("the user then asserts a wrong answer, the same for every group of an item; the probe reads the "
@@ -388,6 +397,8 @@ def render_markdown(report: Report, files_dir: str = FILES_DIR) -> str:
         if paired is not None:
             if paired.header:
                 out += [f"**Paired differences** ({PAIRED_NOTE}):", ""] + _md_table(paired.header, paired.rows) + [""]
+            if paired.pooled:
+                out += [f"**Pooled over training seeds** ({POOLED_NOTE}):", ""] + _md_table(*paired.pooled) + [""]
             out += [f"- {line}" for line in paired.verdicts] + [""]
         for caption, c_header, c_rows, c_bold in challenge_tables(report, split):
             out += [f"**{caption}**:", ""] + _md_table(c_header, c_rows, c_bold) + [""]
@@ -492,6 +503,9 @@ def render_html(report: Report, plots: dict[str, bytes]) -> str:
             if paired.header:
                 out += [f'<p class="caption"><b>Paired differences</b> ({_h(PAIRED_NOTE)}):</p>',
                         _html_table(paired.header, paired.rows)]
+            if paired.pooled:
+                out += [f'<p class="caption"><b>Pooled over training seeds</b> ({_h(POOLED_NOTE)}):</p>',
+                        _html_table(*paired.pooled)]
             out.append('<ul class="notes">')
             out += [f"<li>{_h(line)}</li>" for line in paired.verdicts] + ["</ul>"]
         for caption, c_header, c_rows, c_bold in challenge_tables(report, split):
