@@ -156,8 +156,8 @@ def test_probe_logprobs_equal_direct_forwards(tiny_model_dir, embedded_tokenizer
 
 def test_trunk_memo_replays_a_later_epoch_through_the_adapted_layers_only(tiny_model_dir, embedded_tokenizer):
     """Epoch 1 records every probe row; epoch 2 composes its batches differently (other padding) and replays them:
-    layer 0 never runs, and the option log-likelihoods, the loss and the adapters' gradients equal the full
-    forward's (up to rounding)."""
+    layer 0 never runs, the reference's output (the context KL's) is replayed without running layer 1 either, and
+    the option log-likelihoods, the loss and the adapters' gradients equal the full forward's (up to rounding)."""
     rows, names = synthetic_rows(items=4, groups=3, samples=2, turns=2, seed=3, states=2)
     collator = TrajectoryCollator(embedded_tokenizer, names, max_length=256)
     top_layer_only = LoraSettings(r=4, alpha=8, target_modules=r".*\.layers\.1\.(self_attn|mlp)\.\w+_proj")
@@ -169,7 +169,8 @@ def test_trunk_memo_replays_a_later_epoch_through_the_adapted_layers_only(tiny_m
     for batch in (collator(rows[0:2]), collator(rows[2:4])):
         module.compute_loss(batch)
     assert memo.replayed == 0 and memo.recorded >= 2
-    calls = layer_calls(module.policy.model, 0)
+    assert memo.reference_frozen and memo.reference_replayed == 0
+    calls, top_calls = layer_calls(module.policy.model, 0), layer_calls(module.policy.model, 1)
     second_epoch = [collator([rows[3], rows[0]]), collator([rows[1], rows[2]])]
     lora = [p for name, p in module.policy.model.named_parameters() if "lora_" in name]
 
@@ -182,9 +183,12 @@ def test_trunk_memo_replays_a_later_epoch_through_the_adapted_layers_only(tiny_m
 
     replayed = [run(batch) for batch in second_epoch]
     assert memo.replayed >= 2 * 2 and calls == []  # (loss and probe of both batches)
+    assert memo.reference_replayed >= 2  # the context KL's reference forward of each batch (and the episodes' KL)
+    top_replayed = len(top_calls)
     module.policy.trunk_memo = None
     full = [run(batch) for batch in second_epoch]
     assert len(calls) > 0
+    assert top_replayed < len(top_calls) - top_replayed  # the reference's pass through layer 1 is gone
     for (loss, probe, grads), (loss_full, probe_full, grads_full) in zip(replayed, full):
         torch.testing.assert_close(loss, loss_full, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(probe, probe_full, rtol=1e-5, atol=1e-5)

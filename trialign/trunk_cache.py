@@ -74,6 +74,20 @@ def trunk_fingerprint(model, depth: int) -> str:
     return digest.hexdigest()
 
 
+def reference_fingerprint(model) -> str:
+    """sha256 of what the reference policy (adapters disabled) computes from: the config and every decoder weight
+    but the adapters' (LoRA) ones, which it does not use."""
+    decoder = decoder_of(model)
+    digest = hashlib.sha256(b"reference;")
+    digest.update(decoder.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(decoder.state_dict().items()):
+        if "lora_" in name:
+            continue
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def inputs_digest(*parts: Any) -> str:
     """sha256 of nested lists of token ids and settings (their repr: ints and strings only)."""
     return hashlib.sha256(repr(parts).encode()).hexdigest()
@@ -180,6 +194,13 @@ class TrunkMemo:
         """Forward passes that ran the adapted layers only (counted by the caller that replays)."""
         self.recorded = 0
         """Forward passes that ran in full and recorded their rows."""
+        self._reference_fingerprint: str | None = None
+        self.reference_frozen = not any(p.requires_grad and "lora_" not in name
+                                        for name, p in decoder_of(model).named_parameters())
+        """Whether the reference (the decoder with adapters disabled) is frozen, so its output can be kept too
+        (`reference_keys`): only LoRA weights train in the decoder."""
+        self.reference_replayed = 0
+        """Reference forward passes served from the memo without running a layer."""
 
     def keys(self, kind: str, rows: list[Any]) -> list[tuple]:
         """One key per row; `rows` holds each row's token ids (or anything else with a stable repr)."""
@@ -188,6 +209,15 @@ class TrunkMemo:
         device = next(self.model.parameters()).device.type
         autocast = torch.is_autocast_enabled(device) and str(torch.get_autocast_dtype(device))
         return [(self._fingerprint, self.depth, autocast, inputs_digest(kind, row)) for row in rows]
+
+    def reference_keys(self, rows: list[Any]) -> list[tuple]:
+        """One key per row for the reference's last hidden state (`Policy.reference_hidden_states`): with the
+        fingerprint of every weight the reference computes with (`reference_fingerprint`) instead of the trunk's."""
+        if self._reference_fingerprint is None:
+            self._reference_fingerprint = reference_fingerprint(self.model)
+        device = next(self.model.parameters()).device.type
+        autocast = torch.is_autocast_enabled(device) and str(torch.get_autocast_dtype(device))
+        return [(self._reference_fingerprint, "reference", autocast, inputs_digest("reference", row)) for row in rows]
 
     def fetch(self, keys: list[tuple], width: int) -> torch.Tensor | None:
         """The recorded rows, right-padded with zeros to `width` [R, width, H], when every key is known; else None."""
@@ -199,10 +229,11 @@ class TrunkMemo:
             out[index, : row.shape[0]] = row
         return out
 
-    def record(self, keys: list[tuple], trunk: torch.Tensor, lengths: list[int]) -> None:
-        """Keep row i of `trunk` [R, W, H] (the input of layer `depth` on a full forward) up to `lengths[i]`."""
+    def record(self, keys: list[tuple], trunk: torch.Tensor, lengths: list[int], count: bool = True) -> None:
+        """Keep row i of `trunk` [R, W, H] (the input of layer `depth` on a full forward, or the reference's output)
+        up to `lengths[i]`; `count`: a full forward that `recorded` counts."""
         if len(keys) != trunk.shape[0]:
             raise RuntimeError(f"trunk memo: {len(keys)} keys for {trunk.shape[0]} recorded rows")
-        self.recorded += 1
+        self.recorded += int(count)
         for key, row, length in zip(keys, trunk, lengths):
             self.rows.put(key, [row[:length].clone()])

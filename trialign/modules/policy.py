@@ -192,7 +192,23 @@ class Policy(nn.Module):
 
         With `trunk` (from `hidden_states_and_trunk` on the same inputs) only the layers from the first adapted one
         run: below it the policy and the reference compute the same thing. With LoRA on the top 8 of 30 layers this
-        makes the reference forward about a quarter of a full one."""
+        makes the reference forward about a quarter of a full one. With the trunk memo (`enable_trunk_memo`) the
+        reference's output is kept too (it does not train): rows seen before run no layer at all."""
+        lengths = attention_mask.sum(-1)
+        memo = self.trunk_memo
+        if memo is None or not memo.reference_frozen or not _right_padded(attention_mask, lengths):
+            return self._reference_forward(input_ids, attention_mask, trunk)
+        keys = memo.reference_keys([row[: int(n)].tolist() for row, n in zip(input_ids, lengths)])
+        found = memo.fetch(keys, input_ids.shape[1])
+        if found is not None:
+            memo.reference_replayed += 1
+            return found
+        hidden = self._reference_forward(input_ids, attention_mask, trunk).detach()
+        memo.record(keys, hidden, lengths.tolist(), count=False)
+        return hidden
+
+    def _reference_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           trunk: torch.Tensor | None) -> torch.Tensor:
         with self.reference():
             if trunk is None or self.trunk_depth == 0:
                 return self.hidden_states(input_ids, attention_mask)
