@@ -27,6 +27,8 @@ COMPONENT_KINDS = {
     "objective": (objectives, objectives.PolicyObjective),
 }
 COMPONENT_CONFIGS = sorted((CONFIGS / "components").glob("*/*.yaml"))
+VARIANT_CONFIGS = sorted((CONFIGS / "variants").glob("*.yaml"))
+"""Variants of TriAlign's settings (`base: ../trialign.yaml`), compared on development items (experiment/dev.yaml)."""
 BASELINES = ("bc", "dpo", "grdpo", "maxmin", "utilitarian", "trialign_no_penalty", "trialign_no_nsw")
 
 
@@ -74,10 +76,24 @@ def test_every_method_config_builds_on_the_shared_base():
 
 def test_every_shipped_yaml_is_covered_by_a_test():
     covered = set(METHOD_CONFIGS) | set(COMPONENT_CONFIGS) | set((CONFIGS / "strategy").glob("*.yaml"))
+    covered |= set(VARIANT_CONFIGS)
     covered.add(CONFIGS / "method_base.yaml")
     shipped = {p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in READ_BY_OTHER_COMMANDS}
     assert shipped == covered
     assert {p.stem for p in (CONFIGS / "baselines").glob("*.yaml")} == set(BASELINES)
+
+
+@pytest.mark.parametrize("config", VARIANT_CONFIGS, ids=lambda p: p.stem)
+def test_a_variant_is_trialign_with_the_settings_it_names_changed(config, data_dir, tmp_path):
+    from trialign.config_io import config_chain
+
+    assert [p for p, _ in config_chain(config)][-2:] == [(CONFIGS / "trialign.yaml").resolve(), config.resolve()]
+    own = yaml.safe_load(config.read_text())
+    variant, trialign = parse(config, data_dir, tmp_path).model, parse(CONFIGS / "trialign.yaml", data_dir,
+                                                                       tmp_path).model
+    changed = {key for key in own["model"] if getattr(variant, key) != getattr(trialign, key)}
+    assert changed == set(own["model"])  # every setting it names is one it changes
+    assert set(own) == {"base", "trainer", "model"} and set(own["trainer"]) == {"default_root_dir"}
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: p.stem)

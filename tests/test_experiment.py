@@ -63,6 +63,14 @@ def test_plan_holds_out_the_rollout_items_and_evaluates_pref_aligner_only_where_
     assert keys[:3] == ["rollout", "fit/trialign", "fit/bc"] and keys[-1] == "report"
 
 
+def test_eval_offset_moves_the_held_out_items_but_never_onto_the_rollouts(tmp_path):
+    config = parse_config(["--config", str(tiny_experiment(tmp_path, "some/model", tmp_path / "out")),
+                           "--set", "eval_offset=400"])
+    splits = Experiment(config).splits()
+    assert splits["main"]["offset"] == splits["personalization"]["offset"] == 400
+    assert splits["transfer"].get("offset") is None  # another task: from its first item
+
+
 def test_evaluation_starts_after_the_states_and_asks_with_the_rollouts_template(tmp_path):
     config = parse_config(["--config", str(tiny_experiment(tmp_path, "some/model", tmp_path / "out")),
                            "--set", "rollout_set={states_limit: 5, probe_template: system_persona}"])
@@ -209,6 +217,7 @@ def test_bad_reuse_from_is_a_one_line_error(tmp_path, capsys, monkeypatch, reuse
     ("methods={base: configs/trialign.yaml}", "methods: name(s) base also used by a training-free baseline"),
     ("eval_limit=0", "eval_limit: expected a positive integer, got 0"),
     ("extra_seeds=[1, 1]", "extra_seeds: seeds repeat in [1, 1]"),
+    ("eval_offset=3", "eval_offset: expected null or an item index >= 6 (the rollout uses items 0-5), got 3"),
     ("extra_seeds=[-1]", "extra_seeds: expected a list of integers >= 0, got [-1]"),
     (("methods={trialign: configs/trialign.yaml, trialign_seed1: configs/trialign.yaml}", "extra_seeds=[1]"),
      "methods: name(s) trialign_seed1 clash with a replica of extra_seeds"),
@@ -311,6 +320,14 @@ def test_shipped_experiment_configs_parse_and_plan_every_method(path, monkeypatc
         assert methods == {"trialign", "bc", "dpo", "base", "same_answer", "pref_aligner"}
     elif path.stem == "demo":  # fits 45 minutes: TriAlign, its no-penalty ablation, base, Pref-Aligner
         assert methods == {"trialign", "trialign_no_penalty", "base", "pref_aligner"}
+    elif path.stem in ("seeds", "dev"):  # three trained methods x seeds 0, 1, 2 and base, one split
+        trained = {"trialign", "dpo", "trialign_no_penalty" if path.stem == "seeds" else "trialign_truth_all"}
+        assert methods == trained | {f"{m}_seed{s}" for m in trained for s in (1, 2)} | {"base"}
+        main_split = experiment.splits()["main"]
+        assert set(experiment.splits()) == {"main"}
+        # seeds: the demo's main split; dev: development items, after the demo's evaluation items (68-217)
+        assert (main_split["offset"], main_split["limit"]) == ((68, 150) if path.stem == "seeds" else (400, 120))
+        return
     else:
         assert methods == every
     assert {e["method"] for e in experiment.evaluations()} == methods

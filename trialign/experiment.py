@@ -110,6 +110,9 @@ class ExperimentConfig:
     """Training-free baselines, from: base, same_answer, pref_aligner."""
     eval_limit: int = 16
     """Held-out items of the training task for the `main` and `heldout_groups` splits."""
+    eval_offset: int | None = None
+    """The first of those items (the task's item index); null: the first item after the rollout's. Never one of
+    the rollout's items (a development experiment sets it past the evaluation's items, e.g. ARC-Easy 400)."""
     eval_groups: str = "default"
     """Group file of the training groups (the rollout's)."""
     personalization_limit: int = 4
@@ -244,6 +247,12 @@ class Experiment:
         states = self.rollout_values.get("states_limit", 0)
         self.train_items = limit + (states if isinstance(states, int) else 0)
         """Items of the task the rollout uses (episodes, then cross-group states); evaluation starts after them."""
+        offset = config.eval_offset
+        require(offset is None or (isinstance(offset, int) and not isinstance(offset, bool)
+                                   and offset >= self.train_items),
+                f"eval_offset: expected null or an item index >= {self.train_items} (the rollout uses items "
+                f"0-{self.train_items - 1}), got {offset!r}")
+        self.eval_offset = self.train_items if offset is None else offset
         from trialign.prompts import DEFAULT_PROBE_TEMPLATE
 
         self.template = self.rollout_values.get("probe_template", DEFAULT_PROBE_TEMPLATE)
@@ -315,7 +324,7 @@ class Experiment:
     def splits(self) -> dict[str, dict[str, Any]]:
         """Evaluate settings of each split (before the method's own)."""
         c = self.config
-        held_out = {"task": self.task, "offset": self.train_items, "probe_template": self.template,
+        held_out = {"task": self.task, "offset": self.eval_offset, "probe_template": self.template,
                     **({"task_path": self.rollout_values["task_path"]} if self.rollout_values.get("task_path") else {})}
         splits = {"main": {**held_out, "limit": c.eval_limit, "groups": c.eval_groups, "mode": "probe"}}
         if c.personalization_limit:
