@@ -5,8 +5,10 @@
 Builds `configs/trialign.yaml`'s module (LoRA on layers 22-29 of 30, the training precision of the shipped config:
 bf16 autocast where native), takes the first `--items` cross-group states of the rollout, and runs:
 
-1. epoch 1: optimizer steps on batches of 2 states, the memo recording every probe row (the full forward);
-2. epoch 2: the same states paired differently (so padded differently), replayed through layers 22-29;
+1. epoch 1: optimizer steps on batches of 2 states, the memo recording every probe row (the full forward) and the
+   reference's output that the context KL compares with;
+2. epoch 2: the same states paired differently (so padded differently), replayed: the policy through layers 22-29,
+   the reference from the memo;
 3. epoch 2 again from the same weights with the memo off (the full forward), for the losses to compare.
 
 Prints each epoch's seconds, the ratio epoch 2 / epoch 1, and both epoch-2 loss sequences with their largest
@@ -77,15 +79,16 @@ def main() -> None:
     seconds_1, _ = epoch(module, optimizer, first, bf16)
     weights = copy.deepcopy(module.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
-    replays = memo.replayed
+    replays, reference_replays = memo.replayed, memo.reference_replayed
     seconds_2, losses_2 = epoch(module, optimizer, again, bf16)
-    replayed = memo.replayed - replays
+    replayed, reference_replayed = memo.replayed - replays, memo.reference_replayed - reference_replays
     module.load_state_dict(weights)
     optimizer.load_state_dict(optimizer_state)
     module.policy.trunk_memo = None
     seconds_full, losses_full = epoch(module, optimizer, again, bf16)
     gap = max(abs(a - b) for a, b in zip(losses_2, losses_full))
-    print(f"epoch 1 (records): {seconds_1:.1f} s; epoch 2 replayed ({replayed} forward passes from the memo, "
+    print(f"epoch 1 (records): {seconds_1:.1f} s; epoch 2 replayed ({replayed} policy forward passes through the "
+          f"adapted layers only, {reference_replayed} reference passes with no layer; "
           f"{memo.rows.nbytes / 2**20:.0f} MiB): {seconds_2:.1f} s = {seconds_2 / seconds_1:.2f} of epoch 1; "
           f"epoch 2 in full: {seconds_full:.1f} s; largest loss difference {gap:.2e} "
           f"(replayed {', '.join(f'{x:.4f}' for x in losses_2)}; full {', '.join(f'{x:.4f}' for x in losses_full)})")
