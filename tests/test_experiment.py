@@ -132,7 +132,7 @@ def test_reuse_copies_exactly_the_steps_whose_inputs_are_the_same(tmp_path, monk
         output=str(tmp_path / "full"), reuse_from=str(demo.out), training_free=["base", "same_answer"],
         methods={"trialign": "configs/trialign.yaml", "bc": "configs/baselines/bc.yaml"}, **base))
     full.prepare()
-    source = full.open_reuse()
+    (source,) = full.open_reuse()
     reused = {step.key: full.reuse(step.key, source) for step in full.steps()}
     assert {k for k, v in reused.items() if v} == {"rollout", "fit/trialign", "eval/trialign/main", "eval/base/main"}
     assert reused["fit/trialign"] == {"seconds": 10.0, "reused_from": str(demo.out)}
@@ -147,7 +147,7 @@ def test_reuse_copies_exactly_the_steps_whose_inputs_are_the_same(tmp_path, monk
         other = Experiment(ExperimentConfig(**{**dataclasses.asdict(full.config), **change,
                                                "output": str(tmp_path / f"o{len(expected)}")}))
         other.prepare()
-        source = other.open_reuse()
+        (source,) = other.open_reuse()
         assert {s.key for s in other.steps() if other.reuse(s.key, source)} == expected
 
     # Another rollout's data (its shards' fingerprints differ, say a nondeterministic backend): only the rollout.
@@ -156,7 +156,7 @@ def test_reuse_copies_exactly_the_steps_whose_inputs_are_the_same(tmp_path, monk
         **state["fingerprints"], "rollout_shards": {"shard-00000-of-00001.parquet": "f" * 64}}}))
     other = Experiment(dataclasses.replace(full.config, output=str(tmp_path / "data")))
     other.prepare()
-    source = other.open_reuse()
+    (source,) = other.open_reuse()
     assert {s.key for s in other.steps() if other.reuse(s.key, source)} == {"rollout"}
     (demo.out / "experiment.json").write_text(json.dumps(state))
 
@@ -167,7 +167,7 @@ def test_reuse_copies_exactly_the_steps_whose_inputs_are_the_same(tmp_path, monk
     (demo.out / "experiment.json").write_text(json.dumps(state))
     other = Experiment(dataclasses.replace(full.config, output=str(tmp_path / "changed")))
     other.prepare()
-    source = other.open_reuse()
+    (source,) = other.open_reuse()
     assert {s.key for s in other.steps() if other.reuse(s.key, source)} == {"rollout", "eval/base/main"}
 
 
@@ -192,9 +192,19 @@ def test_extra_seeds_fit_every_method_again_as_replicas_that_the_method_itself_d
     # The methods as configured are the same fits as in an experiment without replicas: they are reused; the
     # replicas, fitted with other seeds, are not (the other experiment has none).
     seeds.prepare()
-    source = seeds.open_reuse()
+    (source,) = seeds.open_reuse()
     reused = {key for key in keys if seeds.reuse(key, source)}
     assert reused == {"rollout", "fit/trialign", "fit/dpo", "eval/trialign/main", "eval/dpo/main", "eval/base/main"}
+    # With several folders to reuse from, each step comes from the first that has it: here every step.
+    done = finished_experiment(tmp_path, dataclasses.replace(seeds.config, output=str(tmp_path / "done"),
+                                                             reuse_from=None))
+    both = Experiment(dataclasses.replace(seeds.config, output=str(tmp_path / "both"),
+                                          reuse_from=[str(demo.out), str(done.out)]))
+    both.prepare()
+    sources = both.open_reuse()
+    # (the report is always rewritten)
+    origin = {key: next(source[0].out.name for source in sources if both.reuse(key, source)) for key in keys[:-1]}
+    assert origin == {key: "demo" if key in reused else "done" for key in keys[:-1]}
 
 
 @pytest.mark.parametrize(("reuse", "expected"), [

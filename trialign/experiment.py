@@ -25,16 +25,16 @@ resumes from its written shards; a killed fit resumes from ``checkpoints/last.ck
 evaluation is redone (it writes its files atomically, so a half-finished one leaves nothing). Rerunning with a
 different config is refused unless ``--overwrite``, which deletes this experiment's folder first.
 
-Reusing another experiment's steps (``reuse_from: runs/experiment/demo``): a step this experiment has not done is
-copied from that experiment's folder when it finished there with the same inputs: the rollout with the same model,
-rollout config content (wherever the file lies) and overrides; a fit with that rollout (the same settings, and the same
-rollout shards and model weights by their fingerprints), the same method name, config chain (contents) and
-`fit_args`; an evaluation of such a method (or the same training-free baseline) on a split with the
-same settings, batch size, bootstrap, seed and probe precision. The other folder's files are copied (never linked
-or moved), its measured seconds kept and marked ``reused_from``. The other experiment's file contents are those it
-recorded after its rollout (``fingerprints.config_files``); a file it did not record is never reused. Like a
-resume, a reuse trusts the code to be the one that ran the other experiment. `make full` reuses the demo's steps
-this way.
+Reusing other experiments' steps (``reuse_from: [runs/experiment/demo, ...]``, the first folder that has a step
+wins): a step this experiment has not done is copied from such an experiment's folder when it finished there with
+the same inputs: the rollout with the same model, rollout config content (wherever the file lies) and overrides; a
+fit with that rollout (the same settings, and the same rollout shards and model weights by their fingerprints), the
+same method name, config chain (contents) and `fit_args`; an evaluation of such a method (or the same training-free
+baseline) on a split with the same settings, batch size, bootstrap, seed and probe precision. The other folder's
+files are copied (never linked or moved), its measured seconds kept and marked ``reused_from``. The other
+experiment's file contents are those it recorded after its rollout (``fingerprints.config_files``); a file it did
+not record is never reused. Like a resume, a reuse trusts the code to be the one that ran the other experiment.
+`make full` reuses the demo's steps this way.
 
 Training seeds (``extra_seeds: [1, 2]``): every trained method is fitted again with each seed, as the replica
 ``<method>_seed<S>``, and each replica is evaluated on every split like a method of its own. The method as configured
@@ -144,9 +144,10 @@ class ExperimentConfig:
     """Bootstrap resamples for the 95% CIs."""
     seed: int = 0
     """Seed of the evaluations (the rollout and fit configs carry their own)."""
-    reuse_from: str | None = None
-    """Another experiment's folder: copy its finished steps whose inputs equal this experiment's instead of running
-    them again (module docstring, "Reusing"). It does not decide the results, so a resume may add or drop it."""
+    reuse_from: list[str] | str | None = None
+    """Other experiments' folders (one or several, the first that has a step wins): copy their finished steps whose
+    inputs equal this experiment's instead of running them again (module docstring, "Reusing"). It does not decide
+    the results, so a resume may add or drop it."""
     overwrite: bool = False
     """Delete an existing experiment with another config in `output` and start over."""
 
@@ -396,11 +397,12 @@ class Experiment:
         folder = {"rollout": "rollout", "fit": f"train/{rest}", "eval": f"eval/{rest}"}.get(kind)
         return ([folder] if folder else []) + [f"logs/{key.replace('/', '_')}.log"]
 
-    def open_reuse(self) -> tuple[Experiment, ExperimentState] | None:
-        """The experiment named by `reuse_from` and its state; one-line errors name the folder."""
-        source = self.config.reuse_from
-        if not source:
-            return None
+    def open_reuse(self) -> list[tuple[Experiment, ExperimentState]]:
+        """The experiments named by `reuse_from` and their states, in its order; one-line errors name the folder."""
+        sources = self.config.reuse_from
+        return [self._open_other(source) for source in ([sources] if isinstance(sources, str) else sources or [])]
+
+    def _open_other(self, source: str) -> tuple[Experiment, ExperimentState]:
         where = f"reuse_from {source}"
         require(Path(source).resolve() != self.out.resolve(), f"{where}: is this experiment's own output")
         state_file = Path(source) / "experiment.json"
@@ -530,7 +532,7 @@ class Experiment:
 def run(config: ExperimentConfig) -> ExperimentState:
     """Run every unfinished step in order; returns the final state (also in experiment.json)."""
     experiment = Experiment(config)
-    source = experiment.open_reuse()
+    sources = experiment.open_reuse()
     state = experiment.prepare()
     steps = experiment.steps()
     started = time.perf_counter()
@@ -538,7 +540,9 @@ def run(config: ExperimentConfig) -> ExperimentState:
         if step.key in state.done:
             log.info("[%d/%d] %s: done before, skipped", number, len(steps), step.describe)
             continue
-        if source is not None and (entry := experiment.reuse(step.key, source, state.fingerprints or None)) is not None:
+        entry = next((found for source in sources
+                      if (found := experiment.reuse(step.key, source, state.fingerprints or None)) is not None), None)
+        if entry is not None:
             state.done[step.key] = entry
             if step.key == "rollout":
                 state.fingerprints = experiment.fingerprints()
