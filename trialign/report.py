@@ -303,6 +303,11 @@ def split_caption(split: str, evaluations: list[Evaluation]) -> str:
 def reading_notes(report: Report) -> list[str]:
     items = sorted({e.document.num_items for e in report.evaluations if e.document.num_items})
     counts = ", ".join(map(str, items)) or "an unknown number of"
+    replicas = [e.method for e in report.evaluations if e.replica_of]
+    seeds = [f"A method named <method>_seed<S> is <method> trained again with training seed S ({len(set(replicas))} "
+             "such replicas here): the seed moves results as much as methods differ, so the pooled differences "
+             "(each method's mean over its seeds, seeds resampled with the items) are the ones that decide."
+             ] if replicas else []
     return [
         f"Every number is computed from {counts} items per evaluation; the brackets are 95% percentile-bootstrap "
         "confidence intervals over items.",
@@ -314,6 +319,7 @@ def reading_notes(report: Report) -> list[str]:
         "Personalization is the share of each group's verifiable preferences a response satisfies; it is 0 in probe "
         "mode, where no response is written. Nash welfare (sum over groups of log utility) compares methods only on "
         "the same groups.",
+        *seeds,
     ]
 
 
