@@ -305,7 +305,7 @@ def reading_notes(report: Report) -> list[str]:
     counts = ", ".join(map(str, items)) or "an unknown number of"
     replicas = [e.method for e in report.evaluations if e.replica_of]
     seeds = [f"A method named <method>_seed<S> is <method> trained again with training seed S ({len(set(replicas))} "
-             "such replicas here): the seed moves results as much as methods differ, so the pooled differences "
+             "such replicas here): a single fit depends on its seed, so the pooled differences "
              "(each method's mean over its seeds, seeds resampled with the items) are the ones that decide."
              ] if replicas else []
     return [
