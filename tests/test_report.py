@@ -12,6 +12,7 @@ import re
 import shutil
 import html
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -514,3 +515,15 @@ def test_replicas_are_rows_of_their_own_and_are_pooled_in_the_paired_differences
     # The verdicts are the pooled ones; the per-evaluation table still compares with every replica.
     assert f"- trialign ×3 vs the strongest baseline (dpo ×2): consistency {signed(*result['consistency'])}" in main
     assert "- trialign ×3 vs base: consistency" in main and "| trialign − trialign_seed1 |" in main
+
+
+def test_report_section_prints_one_splits_tables_as_the_report_wrote_them(experiment):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from report_section import section
+
+    markdown = (experiment / "report.md").read_text()
+    text = section(markdown, "main")
+    assert text in markdown and text.startswith("_") and "**Paired differences**" in text
+    assert "## Split" not in text and "![" not in text
+    with pytest.raises(SystemExit, match="no split 'nope' in the report"):
+        section(markdown, "nope")
