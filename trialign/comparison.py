@@ -281,7 +281,7 @@ def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed
         note = "paired bootstrap 95% CI over the shared items, each method's training seeds resampled too"
     else:
         candidates = others
-        verdict_results = {method: result for method, result in compared.items()}
+        verdict_results = compared
         subject, note = target.method, "paired bootstrap 95% CI over the shared items"
     verdicts = []
     base = next((e for e in candidates if e.family == "base"), None)

@@ -254,6 +254,7 @@ class Experiment:
                 f"eval_offset: expected null or an item index >= {self.train_items} (the rollout uses items "
                 f"0-{self.train_items - 1}), got {offset!r}")
         self.eval_offset = self.train_items if offset is None else offset
+        self._fits = self._plan_fits()
         from trialign.prompts import DEFAULT_PROBE_TEMPLATE
 
         self.template = self.rollout_values.get("probe_template", DEFAULT_PROBE_TEMPLATE)
@@ -314,6 +315,9 @@ class Experiment:
 
     def fits(self) -> dict[str, Fit]:
         """Every trained model, by name: each method as configured, then its replicas (`extra_seeds`)."""
+        return self._fits
+
+    def _plan_fits(self) -> dict[str, Fit]:
         c = self.config
         fits = {name: Fit(path, list(c.fit_args)) for name, path in c.methods.items()}
         for seed in c.extra_seeds:

@@ -117,16 +117,16 @@ def bootstrap_ci(
         f"statistic: returned keys {sorted(resampled)} on resamples but {sorted(point)} on the full data",
     )
 
+    return {key: (value, *_percentile_interval(resampled[key], confidence)) for key, value in point.items()}
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile interval of resampled values, NaN resamples left out (NaN bounds if all are NaN)."""
+    if np.isnan(values).all():
+        return float("nan"), float("nan")
     tail = (1.0 - confidence) / 2.0
-    out: dict[str, tuple[float, float, float]] = {}
-    for key, value in point.items():
-        values = resampled[key]
-        if np.isnan(values).all():
-            low = high = float("nan")
-        else:
-            low, high = (float(q) for q in np.nanquantile(values, [tail, 1.0 - tail]))
-        out[key] = (value, low, high)
-    return out
+    low, high = np.nanquantile(values, [tail, 1.0 - tail])
+    return float(low), float(high)
 
 
 def _vectorized_values(
@@ -215,31 +215,22 @@ def pooled_paired_bootstrap(
     num_items = next(iter(lengths))
     indices = resample_indices(num_items, int(n_resamples), seed)
     whole = np.arange(num_items)[None, :]
-
-    def values(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-        return _vectorized_values(statistic, arrays, rows)
-
-    points = [values(arrays, whole) for arrays in all_arrays]
-    resampled = [values(arrays, indices) for arrays in all_arrays]
-    names = set(points[0])
-    require(all(set(p) == names for p in points + resampled),
+    points = [_vectorized_values(statistic, arrays, whole) for arrays in all_arrays]
+    resampled = [_vectorized_values(statistic, arrays, indices) for arrays in all_arrays]
+    names = list(points[0])
+    require(all(set(p) == set(names) for p in points + resampled),
             "statistic: returned different keys for different replicas")
     draw = np.random.default_rng([seed, 1])  # the replicas' draw, independent of the items'
     count_a = len(replicas_a)
     pick_a = draw.integers(0, count_a, size=(int(n_resamples), count_a))
     pick_b = draw.integers(0, len(replicas_b), size=(int(n_resamples), len(replicas_b)))
-    tail = (1.0 - confidence) / 2.0
     out: dict[str, tuple[float, float, float]] = {}
-    for key in sorted(names, key=list(points[0]).index):
+    for key in names:
         point_a = np.mean([p[key][0] for p in points[:count_a]])
         point_b = np.mean([p[key][0] for p in points[count_a:]])
         table_a = np.stack([r[key] for r in resampled[:count_a]], axis=1)  # [R, replicas]
         table_b = np.stack([r[key] for r in resampled[count_a:]], axis=1)
         diffs = (np.take_along_axis(table_a, pick_a, axis=1).mean(1)
                  - np.take_along_axis(table_b, pick_b, axis=1).mean(1))
-        if np.isnan(diffs).all():
-            low = high = float("nan")
-        else:
-            low, high = (float(q) for q in np.nanquantile(diffs, [tail, 1.0 - tail]))
-        out[key] = (float(point_a - point_b), low, high)
+        out[key] = (float(point_a - point_b), *_percentile_interval(diffs, confidence))
     return out

@@ -61,31 +61,30 @@ def layer_inputs(decoder: nn.Module, index: int) -> Iterator[list[torch.Tensor]]
         hook.remove()
 
 
+def _weights_digest(header: str, decoder, named_tensors) -> str:
+    """sha256 of `header`, the decoder's config and the (name, tensor) pairs: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256(header.encode())
+    digest.update(decoder.config.to_json_string(use_diff=False).encode())
+    for name, tensor in named_tensors:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def trunk_fingerprint(model, depth: int) -> str:
     """sha256 of what the layers below `depth` compute from: the config, the embedding and those layers' weights."""
     decoder = decoder_of(model)
-    digest = hashlib.sha256(f"depth={depth};".encode())
-    digest.update(decoder.config.to_json_string(use_diff=False).encode())
     modules = [("embed_tokens", decoder.embed_tokens)] + [(f"layers.{i}", decoder.layers[i]) for i in range(depth)]
-    for prefix, module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(f"{prefix}.{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return _weights_digest(f"depth={depth};", decoder, ((f"{prefix}.{name}", tensor) for prefix, module in modules
+                                                       for name, tensor in sorted(module.state_dict().items())))
 
 
 def reference_fingerprint(model) -> str:
     """sha256 of what the reference policy (adapters disabled) computes from: the config and every decoder weight
     but the adapters' (LoRA) ones, which it does not use."""
     decoder = decoder_of(model)
-    digest = hashlib.sha256(b"reference;")
-    digest.update(decoder.config.to_json_string(use_diff=False).encode())
-    for name, tensor in sorted(decoder.state_dict().items()):
-        if "lora_" in name:
-            continue
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    weights = sorted(decoder.state_dict().items())
+    return _weights_digest("reference;", decoder, ((name, t) for name, t in weights if "lora_" not in name))
 
 
 def inputs_digest(*parts: Any) -> str:
@@ -206,18 +205,19 @@ class TrunkMemo:
         """One key per row; `rows` holds each row's token ids (or anything else with a stable repr)."""
         if self._fingerprint is None:
             self._fingerprint = trunk_fingerprint(self.model, self.depth)
-        device = next(self.model.parameters()).device.type
-        autocast = torch.is_autocast_enabled(device) and str(torch.get_autocast_dtype(device))
-        return [(self._fingerprint, self.depth, autocast, inputs_digest(kind, row)) for row in rows]
+        return self._keys(self._fingerprint, self.depth, kind, rows)
 
     def reference_keys(self, rows: list[Any]) -> list[tuple]:
         """One key per row for the reference's last hidden state (`Policy.reference_hidden_states`): with the
         fingerprint of every weight the reference computes with (`reference_fingerprint`) instead of the trunk's."""
         if self._reference_fingerprint is None:
             self._reference_fingerprint = reference_fingerprint(self.model)
+        return self._keys(self._reference_fingerprint, "reference", "reference", rows)
+
+    def _keys(self, fingerprint: str, depth: int | str, kind: str, rows: list[Any]) -> list[tuple]:
         device = next(self.model.parameters()).device.type
         autocast = torch.is_autocast_enabled(device) and str(torch.get_autocast_dtype(device))
-        return [(self._reference_fingerprint, "reference", autocast, inputs_digest("reference", row)) for row in rows]
+        return [(fingerprint, depth, autocast, inputs_digest(kind, row)) for row in rows]
 
     def fetch(self, keys: list[tuple], width: int) -> torch.Tensor | None:
         """The recorded rows, right-padded with zeros to `width` [R, width, H], when every key is known; else None."""
