@@ -330,8 +330,10 @@ def test_shipped_experiment_configs_parse_and_plan_every_method(path, monkeypatc
         assert methods == {"trialign", "bc", "dpo", "base", "same_answer", "pref_aligner"}
     elif path.stem == "demo":  # fits 45 minutes: TriAlign, its no-penalty ablation, base, Pref-Aligner
         assert methods == {"trialign", "trialign_no_penalty", "base", "pref_aligner"}
-    elif path.stem in ("seeds", "dev"):  # three trained methods x seeds 0, 1, 2 and base, one split
-        trained = {"trialign", "dpo", "trialign_no_penalty" if path.stem == "seeds" else "trialign_truth_all"}
+    elif path.stem in ("seeds", "dev", "dev_epochs"):  # trained methods x seeds 0, 1, 2 and base, one split
+        trained = {"seeds": {"trialign", "dpo", "trialign_no_penalty"},
+                   "dev": {"trialign", "dpo", "trialign_truth_all"},
+                   "dev_epochs": {"trialign", "trialign_two_epochs"}}[path.stem]
         assert methods == trained | {f"{m}_seed{s}" for m in trained for s in (1, 2)} | {"base"}
         main_split = experiment.splits()["main"]
         assert set(experiment.splits()) == {"main"}
