@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer, native_bf16  # noqa: E402
+from trialign.comparison import same_decisions  # noqa: E402
 from trialign.evaluate import EvaluateConfig, run_audit  # noqa: E402
 from trialign.groups import load_groups  # noqa: E402
 from trialign.tasks import load_task  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
         runs[name] = run_audit(run, model, tokenizer, items, groups, progress=False)
         seconds[name] = time.perf_counter() - started
     full, half = runs["float32"], runs["bf16"]
-    same = full.answers == half.answers
+    same = same_decisions(full.rows, half.rows)
     consistent = lambda r: (r.answers == r.answers[:, :1]).all(1)  # noqa: E731
     logprob_gap = max(abs(a - b) for x, y in zip(full.rows, half.rows)
                       for a, b in zip(x["option_logprobs"], y["option_logprobs"]))

@@ -24,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 from trialign.backbone import DEFAULT_MODEL, load_adapter, load_model_and_tokenizer  # noqa: E402
+from trialign.comparison import same_decisions  # noqa: E402
 from trialign.evaluate import EvaluateConfig, run_audit  # noqa: E402
 from trialign.groups import load_groups  # noqa: E402
 from trialign.tasks import load_task  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
         a, b = runs[replayed], runs[full]
         gap = max(abs(x - y) for p, q in zip(a.rows, b.rows)
                   for x, y in zip(p["option_logprobs"], q["option_logprobs"]))
-        print(f"  {replayed} vs {full}: decisions agree {(a.answers == b.answers).mean():.4f}, largest option "
+        print(f"  {replayed} vs {full}: decisions agree {same_decisions(a.rows, b.rows).mean():.4f}, largest option "
               f"log-likelihood difference {gap:.4f} nats")
     print(f"  replay speed-up over the full forward: {seconds['base, full'] / seconds['base, replayed']:.2f}x")
 

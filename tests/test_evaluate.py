@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trialign.cli import main
-from trialign.comparison import records_from_rows
+from trialign.comparison import records_from_rows, same_decisions
 from trialign.evaluate import EvaluateConfig, evaluate, parse_config
 
 
@@ -26,6 +26,20 @@ def test_answer_ids_are_equal_exactly_for_equal_answers():
             for group, (answer, canonical) in zip("xyz", [(x, x.lower().rstrip(".")) for x in answers])]
     arrays = records_from_rows(rows, ["x", "y", "z"])
     np.testing.assert_array_equal(arrays.answers, [[0, 0, 1], [0, 1, 0]])  # compared by their canonical form
+
+
+def test_two_runs_decisions_compare_by_answer_not_by_answer_id():
+    from trialign.errors import TriAlignError
+
+    row = lambda group, answer: {"item_id": "q", "group": group, "answer": answer, "correct": False}  # noqa: E731
+    one, other = [row("x", "A"), row("y", "B")], [row("x", "B"), row("y", "A")]
+    # Both runs number their answers [0, 1]: the ids match where every decision differs.
+    ids = [records_from_rows(r, ["x", "y"]).answers for r in (one, other)]
+    np.testing.assert_array_equal(ids[0], ids[1])
+    np.testing.assert_array_equal(same_decisions(one, other), [False, False])
+    np.testing.assert_array_equal(same_decisions(one, [row("x", "A"), row("y", "A")]), [True, False])
+    with pytest.raises(TriAlignError, match="row 1 is item 'q', group 'y' in one run but item 'q', group 'x'"):
+        same_decisions(one, [row("x", "A"), row("x", "B")])
 
 
 def test_probe_audit_on_tiny_model_writes_consistent_metrics(tmp_path, tiny_model_dir):

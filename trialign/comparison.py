@@ -107,6 +107,20 @@ def records_from_rows(rows: Sequence[dict[str, Any]], group_names: Sequence[str]
                       answers_after if challenged_rows else None, challenged if challenged_rows else None)
 
 
+def same_decisions(rows: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]],
+                   where: str = "per_item rows") -> np.ndarray:
+    """bool [rows]: whether two runs over the same (item, group) rows, in the same order, read the same answer
+    (its ``canonical`` form, else as written). Two runs' `ItemArrays.answers` do not compare: each item numbers its
+    answers in order of appearance, so a changed first answer renumbers the rest."""
+    require(len(rows) == len(other), f"{where}: {len(rows)} rows against {len(other)}")
+    for index, (a, b) in enumerate(zip(rows, other)):
+        require((a["item_id"], a["group"]) == (b["item_id"], b["group"]),
+                f"{where}: row {index} is item {a['item_id']!r}, group {a['group']!r} in one run but item "
+                f"{b['item_id']!r}, group {b['group']!r} in the other")
+    answer = lambda row: str(row.get("canonical", row["answer"]))  # noqa: E731
+    return np.array([answer(a) == answer(b) for a, b in zip(rows, other)], dtype=bool)
+
+
 def read_item_arrays(folder: str | Path, group_names: Sequence[str]) -> ItemArrays:
     """The ``per_item.jsonl`` of an evaluate output folder as `ItemArrays`."""
     path = Path(folder) / "per_item.jsonl"
