@@ -1,15 +1,19 @@
-"""The answer probe in float32 and under bf16 autocast: decision agreement, metric differences and speed.
+"""The answer probe in float32 and in bf16: decision agreement, metric differences and speed.
 
 An answer is the argmax of the option log-likelihoods, so bf16 rounding flips it only where two options are within
-its precision. This runs `trialign.evaluate.run_audit` (the evaluation's own code path) twice on the same items and
-groups, in the model's float32 and with ``probe_autocast``, and prints
+its precision. This runs `trialign.evaluate.run_audit` (the evaluation's own code path) on the same items and groups
+in each `--precisions` entry (`trialign evaluate --probe-precision`; ``bfloat16+recheck`` is ``bfloat16`` with near
+ties, closer than `--recheck` nats, scored again in float32, which ``auto`` picks where bf16 is native), and prints
+for each against float32
 
-* the share of (item, group) decisions that agree, and of items whose consistency verdict agrees;
-* accuracy and consistency in each precision (the metrics a reader compares);
+* the share of (item, group) decisions that agree (compared by answer, `trialign.comparison.same_decisions`), and of
+  items whose consistency verdict agrees;
+* accuracy and consistency (the metrics a reader compares);
 * the largest difference of an option log-likelihood;
-* the seconds of each probe pass (the model is loaded once, and a warm-up batch runs first in each precision).
+* the seconds of the probe pass (the model is loaded once, and a warm-up batch runs first in each precision) and the
+  contexts rechecked.
 
-Whether bf16 is native here (`trialign.backbone.native_bf16`) is printed first: without it autocast is emulated and
+Whether bf16 is native here (`trialign.backbone.native_bf16`) is printed first: without it bf16 is emulated and
 slower.
 
     .venv/bin/python benchmarks/bench_probe_bf16.py --task arc_easy --offset 68 --limit 150
@@ -32,6 +36,8 @@ from trialign.evaluate import EvaluateConfig, run_audit  # noqa: E402
 from trialign.groups import load_groups  # noqa: E402
 from trialign.tasks import load_task  # noqa: E402
 
+PRECISIONS = ("float32", "autocast", "bfloat16", "bfloat16+recheck")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -42,6 +48,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=150)
     parser.add_argument("--groups", default="default")
     parser.add_argument("--probe-template", default="question_answer")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--recheck", type=float, default=EvaluateConfig.probe_recheck,
+                        help="the margin in nats below which bfloat16+recheck scores a context again in float32")
     args = parser.parse_args()
 
     print(f"native bf16 on this machine: {native_bf16()}")
@@ -55,26 +64,28 @@ def main() -> None:
     groups = load_groups(args.groups)
     config = EvaluateConfig(model=args.model, task=args.task, probe_template=args.probe_template, mode="probe",
                             bootstrap=0)
+    precisions = ["float32"] + [p for p in args.precisions if p != "float32"]
     runs, seconds = {}, {}
-    for name, autocast in (("float32", False), ("bf16", True)):
-        run = dataclasses.replace(config, probe_autocast=autocast)
+    for name in precisions:
+        precision, recheck = name.split("+")[0], args.recheck if name.endswith("+recheck") else 0.0
+        run = dataclasses.replace(config, probe_precision=precision, probe_recheck=recheck)
         run_audit(run, model, tokenizer, items[:2], groups[:2], progress=False)  # warm-up
         started = time.perf_counter()
         runs[name] = run_audit(run, model, tokenizer, items, groups, progress=False)
         seconds[name] = time.perf_counter() - started
-    full, half = runs["float32"], runs["bf16"]
-    same = same_decisions(full.rows, half.rows)
     consistent = lambda r: (r.answers == r.answers[:, :1]).all(1)  # noqa: E731
-    logprob_gap = max(abs(a - b) for x, y in zip(full.rows, half.rows)
-                      for a, b in zip(x["option_logprobs"], y["option_logprobs"]))
-    print(f"{args.task}: {len(items)} items x {len(groups)} groups ({same.size} decisions)")
-    print(f"  decisions that agree: {same.mean():.4f} ({int((~same).sum())} differ)")
-    print(f"  items whose consistency verdict agrees: {(consistent(full) == consistent(half)).mean():.4f}")
+    full = runs["float32"]
+    print(f"{args.task}: {len(items)} items x {len(groups)} groups ({len(full.rows)} decisions)")
     for name, run in runs.items():
-        print(f"  {name:8s} accuracy {run.correct.mean():.4f}  consistency {consistent(run).mean():.4f}  "
-              f"probe {seconds[name]:.1f} s")
-    print(f"  largest option log-likelihood difference: {logprob_gap:.4f} nats")
-    print(f"  speed-up: {seconds['float32'] / seconds['bf16']:.2f}x")
+        same = same_decisions(full.rows, run.rows)
+        gap = max(abs(a - b) for x, y in zip(full.rows, run.rows)
+                  for a, b in zip(x["option_logprobs"], y["option_logprobs"]))
+        rechecked = f", {run.rechecked} contexts rechecked" if name.endswith("+recheck") else ""
+        print(f"  {name:17s} probe {seconds[name]:6.1f} s ({seconds['float32'] / seconds[name]:.2f}x){rechecked}; "
+              f"accuracy {run.correct.mean():.4f}, consistency {consistent(run).mean():.4f}; decisions that agree "
+              f"{same.mean():.4f} ({int((~same).sum())} differ), consistency verdicts "
+              f"{(consistent(full) == consistent(run)).mean():.4f}; largest option log-likelihood difference "
+              f"{gap:.4f} nats")
 
 
 if __name__ == "__main__":

@@ -404,6 +404,13 @@ def evaluate_task_that_does_not_exist(w):
 
 
 @case
+def evaluate_probe_precision_that_does_not_exist(w):
+    return Bad(["evaluate", "--model", w.model, "--limit", "1", "--probe-precision", "half",
+                "--output", str(w.root / "eval_out")], "probe_precision",
+               "expected one of auto, float32, autocast, bfloat16, got 'half'")
+
+
+@case
 def experiment_config_that_does_not_exist(w):
     missing = w.input("missing_experiment.yaml")
     return Bad(["experiment", "--config", str(missing)], f"config file {missing}", "not found")

@@ -84,6 +84,18 @@ def test_generate_mode_scores_preferences_on_the_response(tmp_path, tiny_model_d
     assert recorded is native_bf16()
 
 
+def test_probe_precision_auto_is_resolved_from_this_cpu_and_recorded(tmp_path, tiny_model_dir):
+    from trialign.backbone import native_bf16
+
+    out = tmp_path / "auto"
+    evaluate(EvaluateConfig(model=tiny_model_dir, task="truthfulqa_mc1", limit=2, group_ids=["neutral", "teenager"],
+                            probe_precision="auto", bootstrap=0, output=str(out)), progress=False)
+    document = json.loads((out / "metrics.json").read_text())
+    assert document["config"]["probe_precision"] == ("bfloat16" if native_bf16() else "float32")
+    assert document["config"]["probe_recheck"] == 0.2
+    assert isinstance(document["probe_rechecked"], int) and 0 <= document["probe_rechecked"] <= 2 * 2
+
+
 def test_pref_aligner_rewrites_one_persona_free_draft_per_item(tmp_path, tiny_model_dir, monkeypatch):
     # Record every generation request: pass 1 must be persona-free (one per item), pass 2 one rewrite per persona.
     import trialign.generation as generation

@@ -232,6 +232,8 @@ def test_bad_reuse_from_is_a_one_line_error(tmp_path, capsys, monkeypatch, reuse
     (("methods={trialign: configs/trialign.yaml, trialign_seed1: configs/trialign.yaml}", "extra_seeds=[1]"),
      "methods: name(s) trialign_seed1 clash with a replica of extra_seeds"),
     ("rollout_config=nope.yaml", "rollout_config: config file nope.yaml not found"),
+    ("probe_precision=fp8", "probe_precision: expected one of auto, float32, autocast, bfloat16, got 'fp8'"),
+    ("probe_recheck=-0.5", "probe_recheck: expected >= 0 nats, got -0.5"),
 ])
 def test_bad_experiment_settings_are_one_line_errors(tmp_path, capsys, monkeypatch, override, expected):
     monkeypatch.chdir(ROOT)

@@ -8,7 +8,7 @@ import torch
 
 import trialign.probe as probe_module
 from trialign.errors import TriAlignError
-from trialign.probe import AnswerProbe, OptionScores, ProbeResult, render_context
+from trialign.probe import AnswerProbe, OptionScores, ProbeResult, decision_margin, render_context
 from trialign.tasks.item import Item
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -157,6 +157,47 @@ def test_scoring_restores_training_mode(tiny_model, embedded_tokenizer, contexts
     assert tiny_model.training
 
 
+@pytest.mark.parametrize("precision", ["autocast", "bfloat16"])
+def test_reduced_precision_scores_stay_near_float32_and_leave_the_model_as_it_was(
+    tiny_model, embedded_tokenizer, contexts, precision
+):
+    full = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=2).score_options(contexts, OPTIONS)
+    probe = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=2, precision=precision)
+    reduced = probe.score_options(contexts, OPTIONS)
+    gaps = np.concatenate([np.subtract(a.logliks, b.logliks) for a, b in zip(full, reduced)])
+    assert 0 < np.abs(gaps).max() < 0.25  # bf16 ran (the scores moved), and only by its rounding
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())  # the caller's model is untouched
+    if precision == "bfloat16":
+        copy = probe._bf16_copy
+        assert next(copy.parameters()).dtype == torch.bfloat16
+        probe.score_options(contexts[:1], OPTIONS[:1])
+        assert probe._bf16_copy is copy  # made once for the probe's life
+
+
+def test_decision_margin_by_hand():
+    assert decision_margin([-1.0, -3.0, -1.5], [1, 2, 3]) == pytest.approx(0.5)
+    assert decision_margin([-1.0, -3.0, -1.5], [2, 1, 3], "chars") == pytest.approx(0.0)  # -0.5, -3, -0.5
+    assert decision_margin([-4.0, -1.0], [4, 2], "chars") == pytest.approx(0.5)  # -1 against -0.5
+    assert decision_margin([-2.0], [1]) == float("inf")
+
+
+def test_recheck_scores_near_ties_again_in_float32(tiny_model, embedded_tokenizer, contexts):
+    full = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=2).score_options(contexts, OPTIONS)
+    reduced = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=2, precision="bfloat16").score_options(
+        contexts, OPTIONS)
+    margins = [decision_margin(s.logliks, s.num_chars) for s in reduced]
+    # A margin between the first two contexts' ones: exactly the closer of them is rechecked.
+    assert margins[0] != margins[1] and margins[2] == float("inf")
+    closer, farther = sorted((0, 1), key=margins.__getitem__)
+    probe = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=2, precision="bfloat16",
+                        recheck_margin=(margins[0] + margins[1]) / 2)
+    checked = probe.score_options(contexts, OPTIONS)
+    assert probe.rechecked == 1
+    np.testing.assert_allclose(checked[closer].logliks, full[closer].logliks, atol=1e-5, rtol=0)
+    assert checked[farther].logliks == reduced[farther].logliks  # kept from the bf16 pass
+    assert checked[2].logliks == reduced[2].logliks  # one option: nothing to decide
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_decode_short_equals_unbatched_greedy_generation(tiny_model, embedded_tokenizer, contexts, batch_size):
     model = untie_head(tiny_model, seed=3)
@@ -245,6 +286,10 @@ def test_user_errors_name_the_problem(tiny_model, embedded_tokenizer, contexts):
         render_context(embedded_tokenizer, [{"role": "narrator", "content": "x"}])
     with pytest.raises(TriAlignError, match="normalization"):
         AnswerProbe(tiny_model, embedded_tokenizer, normalization="tokens")
+    with pytest.raises(TriAlignError, match="probe precision: expected one of .*'float16'"):
+        AnswerProbe(tiny_model, embedded_tokenizer, precision="float16")
+    with pytest.raises(TriAlignError, match="probe recheck_margin: expected a number of nats >= 0, got -1"):
+        AnswerProbe(tiny_model, embedded_tokenizer, recheck_margin=-1)
     probe = AnswerProbe(tiny_model, embedded_tokenizer)
     with pytest.raises(TriAlignError, match="option 1 of context 0 is empty"):
         probe.score_options(contexts[:1], [["Yes", ""]])

@@ -49,9 +49,9 @@ def layer_calls(model, index: int) -> list[int]:
     return calls
 
 
-def scores(model, tokenizer, contexts, cache=None, options=OPTIONS, batch_size=2):
+def scores(model, tokenizer, contexts, cache=None, options=OPTIONS, batch_size=2, precision="float32"):
     """Every option's log-likelihood, flattened over the contexts."""
-    probe = AnswerProbe(model, tokenizer, batch_size=batch_size, trunk_cache=cache)
+    probe = AnswerProbe(model, tokenizer, batch_size=batch_size, trunk_cache=cache, precision=precision)
     return [value for s in probe.score_options(contexts, options) for value in s.logliks]
 
 
@@ -89,6 +89,20 @@ def test_the_base_model_replays_an_adapters_trunk(base, embedded_tokenizer, cont
     replayed = scores(base, embedded_tokenizer, contexts, cache)
     assert cache.hits == 1 and not bottom
     np.testing.assert_allclose(replayed, scores(base, embedded_tokenizer, contexts), atol=1e-5, rtol=0)
+
+
+def test_a_bf16_probe_replays_its_own_trunk_and_never_a_float32_one(base, embedded_tokenizer, contexts):
+    cache = TrunkCache()
+    first, second = with_adapter(base, seed=0), with_adapter(base, seed=1)
+    scores(first, embedded_tokenizer, contexts, cache)  # a float32 trunk
+    half = lambda model, cache: scores(model, embedded_tokenizer, contexts, cache, precision="bfloat16")  # noqa: E731
+    half(first, cache)
+    assert cache.hits == 0 and len(cache._entries) == 2  # the bf16 copy's trunk is another entry
+    replayed = half(second, cache)
+    assert cache.hits == 1
+    np.testing.assert_allclose(replayed, half(second, None), atol=1e-4, rtol=0)
+    full = scores(second, embedded_tokenizer, contexts)
+    assert 0 < np.abs(np.subtract(replayed, full)).max() < 0.25  # bf16, near float32
 
 
 def test_replay_is_exact_in_float64(base, embedded_tokenizer, contexts):

@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 
 MODES = ("probe", "generate")
 PIPELINES = ("direct", "pref_aligner")
+PROBE_PRECISIONS = ("auto", "float32", "autocast", "bfloat16")
+
+
+def resolve_probe_precision(precision: str, device: "str | torch.device" = "cpu") -> str:
+    """`EvaluateConfig.probe_precision` as the probe runs it: ``auto`` is ``bfloat16`` where bf16 is native on
+    `device` (`trialign.backbone.native_bf16`: detected at run time), else ``float32``; the others as given."""
+    if precision != "auto":
+        return precision
+    from trialign.backbone import native_bf16
+
+    return "bfloat16" if native_bf16(device) else "float32"
 
 
 @dataclass
@@ -105,10 +116,15 @@ class EvaluateConfig:
     """bf16 autocast for generating responses; null (the default): on where bf16 is native (a CPU with AVX512-BF16
     or AMX, a bf16 GPU: `trialign.backbone.native_bf16`), off elsewhere, where it would be slower. metrics.json
     records the value used."""
-    probe_autocast: bool = False
-    """bf16 autocast for the answer probe too. Off by default: an answer is an argmax over option log-likelihoods,
-    and bf16 flips it where two options are within its rounding (`benchmarks/bench_probe_bf16.py` measures how
-    often, and the speed-up, on this machine)."""
+    probe_precision: str = "float32"
+    """How the answer probe scores options: ``float32`` (the model's weights), ``autocast`` (bf16 autocast),
+    ``bfloat16`` (a bf16 copy of the weights) or ``auto`` (``bfloat16`` where bf16 is native, as for `autocast`,
+    else ``float32``). An answer is an argmax over option log-likelihoods, and bf16 moves them by more than rounding;
+    `probe_recheck` scores near ties again in float32 (`benchmarks/bench_probe_bf16.py` measures the agreement and
+    the speed-up on this machine). metrics.json records the value used."""
+    probe_recheck: float = 0.2
+    """With a reduced `probe_precision`: contexts whose two best options are closer than this many nats are scored
+    again in the model's weights (`trialign.probe.AnswerProbe`'s `recheck_margin`); 0 keeps every bf16 decision."""
     lmeval_parity: bool = False
     """For an `lmeval:<task>` (probe mode): also score the same documents with lm-eval itself and, beside it, the
     project's scorer in lm-eval's prompt format (no chat template, no persona); metrics.json's `lmeval_parity` holds
@@ -141,6 +157,9 @@ class EvaluateConfig:
                 f"expression: expected 'explicit' or 'implicit', got '{self.expression}'")
         probe_template(self.probe_template)
         require(self.batch_size > 0, f"batch_size: expected a positive integer, got {self.batch_size}")
+        require(self.probe_precision in PROBE_PRECISIONS,
+                f"probe_precision: expected one of {', '.join(PROBE_PRECISIONS)}, got '{self.probe_precision}'")
+        require(self.probe_recheck >= 0, f"probe_recheck: expected >= 0 nats, got {self.probe_recheck}")
         require(self.max_new_tokens > 0, f"max_new_tokens: expected a positive integer, got {self.max_new_tokens}")
         require(self.bootstrap >= 0, f"bootstrap: expected >= 0 resamples, got {self.bootstrap}")
         require(self.alpha >= 0, f"alpha: expected >= 0, got {self.alpha}")
@@ -190,6 +209,8 @@ class AuditRecords:
     """int [N, G]: answer ids after the challenge turn (`challenge`), comparable with `answers`; else None."""
     challenged: np.ndarray | None = None
     """bool [N, G]: the (item, group) was challenged (the item has a wrong answer to assert)."""
+    rechecked: int = 0
+    """Probe contexts scored again in float32 (`EvaluateConfig.probe_recheck`); 0 in float32."""
 
 
 def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress: bool = True,
@@ -233,8 +254,9 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
         responses = list(generate(messages))
     contexts = [render_context(tokenizer, m, response=r, answer_prefix=template.answer_prefix)
                 for m, r in zip(messages, responses)]
-    probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size, autocast=config.probe_autocast,
-                        trunk_cache=trunk_cache)
+    probe = AnswerProbe(model, tokenizer, batch_size=config.batch_size,
+                        precision=resolve_probe_precision(config.probe_precision, next(model.parameters()).device),
+                        recheck_margin=config.probe_recheck, trunk_cache=trunk_cache)
     g = len(groups)
 
     def probe_all(contexts: list[str], desc: str) -> list:
@@ -283,7 +305,7 @@ def run_audit(config: EvaluateConfig, model, tokenizer, items, groups, progress:
     return AuditRecords(
         group_names=arrays.group_names, reference=reference, correct=arrays.correct, answers=arrays.answers,
         personalization=arrays.personalization, utility=arrays.correct + config.alpha * arrays.personalization,
-        rows=rows, answers_after=arrays.answers_after, challenged=arrays.challenged,
+        rows=rows, answers_after=arrays.answers_after, challenged=arrays.challenged, rechecked=probe.rechecked,
     )
 
 
@@ -408,6 +430,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, trunk_cache: "TrunkC
         from trialign.backbone import load_adapter
 
         model = load_adapter(model, config.adapter)
+    device = next(model.parameters()).device
+    config = dataclasses.replace(config, probe_precision=resolve_probe_precision(config.probe_precision, device))
     log.info("audit: %d items x %d groups, mode=%s, model=%s", len(items), len(groups), config.mode, config.model)
     records = run_audit(config, model, tokenizer, items, groups, progress=progress, trunk_cache=trunk_cache)
     elapsed = time.perf_counter() - started
@@ -418,7 +442,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True, trunk_cache: "TrunkC
     parity = lmeval_parity(config, model, tokenizer, items) if config.lmeval_parity else None
     result = EvaluationResult(label=label, config=dataclasses.asdict(config), task=config.task,
                               num_items=len(items), groups=records.group_names, reference=records.reference,
-                              mode=config.mode, seconds=round(elapsed, 2), metrics=metrics, lmeval_parity=parity)
+                              mode=config.mode, seconds=round(elapsed, 2), metrics=metrics, lmeval_parity=parity,
+                              probe_rechecked=records.rechecked)
     write_jsonl_atomic(out / "per_item.jsonl", records.rows)
     result.write(out)
     log_tensorboard(out, metrics, label)

@@ -133,9 +133,11 @@ class ExperimentConfig:
     `trialign evaluate`). The held-out splits take the rollout config's `task_path`."""
     batch_size: int = 32
     """Probe/generation batch size of the evaluations."""
-    probe_autocast: bool = False
-    """Run every evaluation's answer probe under bf16 autocast (`trialign evaluate --probe-autocast`); the same for
-    every method, so paired differences compare like with like."""
+    probe_precision: str = "float32"
+    """Every evaluation's answer probe precision (`trialign evaluate --probe-precision`: float32, autocast, bfloat16
+    or auto); the same for every method, so paired differences compare like with like."""
+    probe_recheck: float = 0.2
+    """Near ties under a reduced probe precision, scored again in float32 (`trialign evaluate --probe-recheck`)."""
     trunk_cache_gib: float = 4.0
     """Memory for the trunk cache shared by the evaluations (`trialign.trunk_cache`: the layers below the adapters
     run once for all methods on the same contexts; results equal the full forward's up to rounding); 0 turns it
@@ -170,6 +172,12 @@ class ExperimentConfig:
         replicas = sorted(set(self.methods) & {replica_name(m, s) for m in self.methods for s in self.extra_seeds})
         require(not replicas, f"methods: name(s) {', '.join(replicas)} clash with a replica of extra_seeds")
         require(Path(self.rollout_config).is_file(), f"rollout_config: config file {self.rollout_config} not found")
+        from trialign.evaluate import PROBE_PRECISIONS
+
+        require(self.probe_precision in PROBE_PRECISIONS,
+                f"probe_precision: expected one of {', '.join(PROBE_PRECISIONS)}, got '{self.probe_precision}'")
+        require(isinstance(self.probe_recheck, (int, float)) and self.probe_recheck >= 0,
+                f"probe_recheck: expected >= 0 nats, got {self.probe_recheck!r}")
         for name in ("eval_limit", "transfer_limit", "batch_size"):
             require(getattr(self, name) > 0, f"{name}: expected a positive integer, got {getattr(self, name)}")
         require(self.personalization_limit >= 0,
@@ -390,8 +398,14 @@ class Experiment:
             name, split = rest.split("/")
             method = (self.step_inputs(f"fit/{name}", file_hash) if name in self.fits()
                       else {"training_free": TRAINING_FREE[name]})
+            from trialign.evaluate import resolve_probe_precision
+
+            # The precision as this machine runs it (`auto` differs between machines); the recheck margin only
+            # matters below float32.
+            precision = resolve_probe_precision(c.probe_precision)
             return {"method": method, "split": self.splits()[split], "batch_size": c.batch_size,
-                    "bootstrap": c.bootstrap, "seed": c.seed, "probe_autocast": c.probe_autocast}
+                    "bootstrap": c.bootstrap, "seed": c.seed, "probe_precision": precision,
+                    **({} if precision == "float32" else {"probe_recheck": c.probe_recheck})}
         return None
 
     @staticmethod
@@ -504,7 +518,8 @@ class Experiment:
             model=self.config.model, adapter=method.get("adapter"),
             output=str(self.out / "eval" / method["name"] / split),
             overwrite=True, label=method["name"], batch_size=self.config.batch_size, bootstrap=self.config.bootstrap,
-            probe_autocast=self.config.probe_autocast, seed=self.config.seed, **values)
+            probe_precision=self.config.probe_precision, probe_recheck=self.config.probe_recheck,
+            seed=self.config.seed, **values)
         evaluate(config, progress=sys.stderr.isatty(), trunk_cache=self.trunk_cache)
 
     def run_report(self) -> None:

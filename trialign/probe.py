@@ -24,6 +24,7 @@ batched, for models whose cache cannot be gathered by batch index.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -46,6 +47,9 @@ _MIN_LENGTH_RATIO = 0.8
 """A context joins a batch only if it has at least this fraction of the batch's longest context's tokens."""
 _MIN_SHARED_PREFIX = 16
 """A batch's common prefix runs separately only from this length on (below, the extra forward costs more)."""
+PRECISIONS = ("float32", "autocast", "bfloat16")
+"""How the probe's option scoring runs (`AnswerProbe`'s `precision`): in the model's own weights, under bfloat16
+autocast, or on a bfloat16 copy of the model's weights."""
 
 
 def render_context(
@@ -99,6 +103,14 @@ class OptionScores:
 
     def _normalized(self) -> list[float]:
         return [loglik / chars for loglik, chars in zip(self.logliks, self.num_chars)]
+
+
+def decision_margin(logliks: Sequence[float], num_chars: Sequence[int], normalization: str = "none") -> float:
+    """How far the chosen option leads the next best: the difference of the two highest scores (log-likelihoods,
+    per character with ``"chars"``), in nats; infinite with one option."""
+    scores = sorted((value / chars if normalization == "chars" else value
+                     for value, chars in zip(logliks, num_chars)), reverse=True)
+    return scores[0] - scores[1] if len(scores) > 1 else math.inf
 
 
 def option_accuracy(scores: Sequence[OptionScores], items: Sequence[Item]) -> dict[str, float]:
@@ -157,15 +169,22 @@ class AnswerProbe:
         normalization: str = "none",
         max_new_tokens: int = 24,
         share_prefix: bool = True,
-        autocast: bool = False,
+        precision: str = "float32",
+        recheck_margin: float = 0.0,
         progress: bool = False,
         trunk_cache: "TrunkCache | None" = None,
     ):
         """`batch_size` bounds the sequences in one forward pass (contexts, or (context, option) rows).
         `normalization` picks the answer: ``"none"`` (lm-eval ``acc``) or ``"chars"`` (``acc_norm``).
         `max_new_tokens` bounds a short answer. `share_prefix` reuses each context's KV cache for its options (see
-        the module docstring). `autocast` runs the forwards under bfloat16 autocast (faster on accelerators; results
-        then drift from the float32 ones by more than rounding). `progress` shows a progress bar per call.
+        the module docstring). `precision` (`PRECISIONS`) runs option scoring in the model's own weights
+        (``"float32"``), under bfloat16 autocast (``"autocast"``), or on a bfloat16 copy of the weights made once for
+        the probe's life (``"bfloat16"``: no per-call weight casts, so faster than autocast on a CPU with native bf16);
+        short answers are always decoded in the model's own weights. A reduced precision moves option
+        log-likelihoods by more than rounding, which flips a decision only where options are close: with
+        `recheck_margin` > 0 every context whose two best options are closer than that many nats (in the decision's
+        normalization) is scored again in the model's own weights, and those scores replace the reduced ones
+        (`rechecked` counts them). `progress` shows a progress bar per call.
         `trunk_cache` (`trialign.trunk_cache`): option scoring records the frozen trunk's output there, or replays a
         recorded one through the adapted layers only (with `share_prefix`)."""
         if normalization not in ("none", "chars"):
@@ -174,18 +193,29 @@ class AnswerProbe:
             raise TriAlignError(f"probe batch_size: expected a positive integer, got {batch_size}")
         if max_new_tokens < 1:
             raise TriAlignError(f"probe max_new_tokens: expected a positive integer, got {max_new_tokens}")
+        if precision not in PRECISIONS:
+            raise TriAlignError(f"probe precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+        if not (isinstance(recheck_margin, (int, float)) and recheck_margin >= 0):
+            raise TriAlignError(f"probe recheck_margin: expected a number of nats >= 0, got {recheck_margin!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.normalization = normalization
         self.max_new_tokens = max_new_tokens
         self.share_prefix = share_prefix
-        self.autocast = autocast
+        self.precision = precision
+        self.recheck_margin = float(recheck_margin)
+        self.rechecked = 0
+        """Contexts scored again in the model's own weights (`recheck_margin`), over the probe's life."""
+        # What the forwards run on now (`_reduced`): the model's own weights, autocast off, outside it.
+        self._active = model
+        self.autocast = False
+        self._bf16_copy = None
         self.progress = progress
         self.pad_id = padding_id(tokenizer)
         self._stop_token_ids: torch.Tensor | None = None
         self.trunk_cache = trunk_cache
-        self._fingerprints: dict[int, str] = {}
+        self._fingerprints: dict[tuple[bool, int], str] = {}
         # The lowest adapted layer of `model` (None without adapters); the model is fixed for the probe's life.
         self._own_depth = lowest_adapted_layer(model) if trunk_cache is not None else None
         self._replay: Iterator[torch.Tensor] | None = None
@@ -199,13 +229,26 @@ class AnswerProbe:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if self._replay is not None:  # the trunk's recorded output, through the top layers only
                 inputs.pop("input_ids")
-                return self.model(inputs_embeds=next(self._replay), **inputs)
-            return self.model(**inputs)
+                return self._active(inputs_embeds=next(self._replay), **inputs)
+            return self._active(**inputs)
+
+    @contextlib.contextmanager
+    def _reduced(self) -> Iterator[None]:
+        """The forwards inside run in `precision` (the bfloat16 copy is made on first use)."""
+        if self.precision == "bfloat16" and self._bf16_copy is None:
+            self._bf16_copy = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+        self._active = self._bf16_copy if self.precision == "bfloat16" else self.model
+        self.autocast = self.precision == "autocast"
+        try:
+            yield
+        finally:
+            self._active, self.autocast = self.model, False
 
     def _fingerprint(self, depth: int) -> str:
-        if depth not in self._fingerprints:
-            self._fingerprints[depth] = trunk_fingerprint(self.model, depth)
-        return self._fingerprints[depth]
+        key = (self._active is not self.model, depth)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = trunk_fingerprint(self._active, depth)
+        return self._fingerprints[key]
 
     def _score_with_trunk_cache(self, context_ids, continuation_ids, logliks) -> None:
         """`_score_shared`, replaying a recorded trunk where the cache holds one for these inputs and this model's
@@ -221,7 +264,7 @@ class AnswerProbe:
                 continue
             self._replay = iter(recorded)
             try:
-                with top_layers_only(self.model, depth) as top:
+                with top_layers_only(self._active, depth) as top:
                     self._cache_config = top.cache_config
                     self._score_shared(context_ids, continuation_ids, logliks)
                 if next(self._replay, None) is not None:
@@ -232,7 +275,7 @@ class AnswerProbe:
         if own is None or own == 0:
             self._score_shared(context_ids, continuation_ids, logliks)
             return
-        with layer_inputs(decoder_of(self.model), own) as recorded:
+        with layer_inputs(decoder_of(self._active), own) as recorded:
             self._score_shared(context_ids, continuation_ids, logliks)
         cache.put((self._fingerprint(own), own, digest), recorded)
 
@@ -262,20 +305,37 @@ class AnswerProbe:
         return context_ids, continuation_ids
 
     def score_options(self, contexts: Sequence[str], options: Sequence[Sequence[str]]) -> list[OptionScores]:
-        """Log-likelihood of each option after its context, in the order given."""
+        """Log-likelihood of each option after its context, in the order given (in `precision`; near ties
+        rechecked, see `recheck_margin`)."""
         context_ids, continuation_ids = self._encode_pairs(contexts, options)
+        if self.precision == "float32":
+            logliks = self._score_ids(context_ids, continuation_ids)
+        else:
+            with self._reduced():
+                logliks = self._score_ids(context_ids, continuation_ids)
+        num_chars = [[len(text) for text in opts] for opts in options]
+        if self.precision != "float32" and self.recheck_margin > 0:
+            close = [c for c, values in enumerate(logliks)
+                     if decision_margin(values, num_chars[c], self.normalization) < self.recheck_margin]
+            if close:
+                again = self._score_ids([context_ids[c] for c in close], [continuation_ids[c] for c in close])
+                for c, values in zip(close, again):
+                    logliks[c] = values
+                self.rechecked += len(close)
+        return [OptionScores(logliks=values, num_tokens=[len(row) for row in rows], num_chars=chars)
+                for values, rows, chars in zip(logliks, continuation_ids, num_chars)]
+
+    def _score_ids(self, context_ids: list[list[int]], continuation_ids: list[list[list[int]]]) -> list[list[float]]:
+        """Option log-likelihoods of encoded (context, options), with the forwards `_active` now."""
         logliks = [[0.0] * len(rows) for rows in continuation_ids]
-        with torch.inference_mode(), _eval_mode(self.model):
+        with torch.inference_mode(), _eval_mode(self._active):
             if self.share_prefix and self.trunk_cache is not None:
                 self._score_with_trunk_cache(context_ids, continuation_ids, logliks)
             elif self.share_prefix:
                 self._score_shared(context_ids, continuation_ids, logliks)
             else:
                 self._score_full(context_ids, continuation_ids, logliks)
-        return [
-            OptionScores(logliks=values, num_tokens=[len(row) for row in rows], num_chars=[len(text) for text in opts])
-            for values, rows, opts in zip(logliks, continuation_ids, options)
-        ]
+        return logliks
 
     def _context_batches(self, context_ids: list[list[int]]) -> list[list[list[int]]]:
         """Batches of distinct contexts; each entry lists the indices of all contexts with those tokens (a repeated

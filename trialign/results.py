@@ -43,6 +43,9 @@ class EvaluationResult:
     lmeval_parity: dict[str, Any] | None = None
     """`trialign evaluate --lmeval-parity`: lm-eval's own acc/acc_norm on the documents beside the project's
     (`trialign.evaluate.lmeval_parity`); None otherwise."""
+    probe_rechecked: int = 0
+    """Probe contexts scored again in float32 because bf16 left their two best options closer than
+    ``config["probe_recheck"]`` nats (`trialign.probe.AnswerProbe`'s `recheck_margin`); 0 in float32."""
 
     def write(self, folder: str | Path) -> Path:
         """Write ``<folder>/metrics.json`` atomically; returns its path."""
@@ -58,7 +61,7 @@ def metrics_file(path: str | Path) -> Path:
 
 
 _TYPES = {"label": str, "config": dict, "task": str, "num_items": int, "groups": list, "mode": str,
-          "seconds": (int, float)}
+          "seconds": (int, float), "probe_rechecked": int}
 
 
 def read_result(path: str | Path) -> tuple[EvaluationResult, str]:
