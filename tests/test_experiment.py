@@ -330,8 +330,8 @@ def test_shipped_experiment_configs_parse_and_plan_every_method(path, monkeypatc
              "base", "same_answer", "pref_aligner"}
     if path.stem == "quick":  # the smoke run trains TriAlign and two baselines only
         assert methods == {"trialign", "bc", "dpo", "base", "same_answer", "pref_aligner"}
-    elif path.stem == "demo":  # fits 45 minutes: TriAlign, its no-penalty ablation, base, Pref-Aligner
-        assert methods == {"trialign", "trialign_no_penalty", "base", "pref_aligner"}
+    elif path.stem == "demo":  # fits 45 minutes: TriAlign, its no-penalty ablation, DPO, base, Pref-Aligner
+        assert methods == {"trialign", "trialign_no_penalty", "dpo", "base", "pref_aligner"}
     elif path.stem in ("seeds", "dev", "dev_epochs"):  # trained methods x seeds 0, 1, 2 and base, one split
         trained = {"seeds": {"trialign", "dpo", "trialign_no_penalty"},
                    "dev": {"trialign", "dpo", "trialign_truth_all"},

@@ -116,12 +116,13 @@ class EvaluateConfig:
     """bf16 autocast for generating responses; null (the default): on where bf16 is native (a CPU with AVX512-BF16
     or AMX, a bf16 GPU: `trialign.backbone.native_bf16`), off elsewhere, where it would be slower. metrics.json
     records the value used."""
-    probe_precision: str = "float32"
+    probe_precision: str = "auto"
     """How the answer probe scores options: ``float32`` (the model's weights), ``autocast`` (bf16 autocast),
-    ``bfloat16`` (a bf16 copy of the weights) or ``auto`` (``bfloat16`` where bf16 is native, as for `autocast`,
-    else ``float32``). An answer is an argmax over option log-likelihoods, and bf16 moves them by more than rounding;
-    `probe_recheck` scores near ties again in float32 (`benchmarks/bench_probe_bf16.py` measures the agreement and
-    the speed-up on this machine). metrics.json records the value used."""
+    ``bfloat16`` (a bf16 copy of the weights) or ``auto`` (the default: ``bfloat16`` where bf16 is native, as for
+    `autocast`, else ``float32``). An answer is an argmax over option log-likelihoods, and bf16 moves them by more
+    than rounding; `probe_recheck` scores near ties again in float32, so that the decisions stay float32's
+    (`benchmarks/bench_probe_bf16.py` measures the agreement and the speed-up on this machine). metrics.json records
+    the value used."""
     probe_recheck: float = 0.2
     """With a reduced `probe_precision`: contexts whose two best options are closer than this many nats are scored
     again in the model's weights (`trialign.probe.AnswerProbe`'s `recheck_margin`); 0 keeps every bf16 decision."""

@@ -133,9 +133,10 @@ class ExperimentConfig:
     `trialign evaluate`). The held-out splits take the rollout config's `task_path`."""
     batch_size: int = 32
     """Probe/generation batch size of the evaluations."""
-    probe_precision: str = "float32"
-    """Every evaluation's answer probe precision (`trialign evaluate --probe-precision`: float32, autocast, bfloat16
-    or auto); the same for every method, so paired differences compare like with like."""
+    probe_precision: str = "auto"
+    """Every evaluation's answer probe precision (`trialign evaluate --probe-precision`: auto, the default, is
+    bfloat16 with near ties rechecked in float32 where bf16 is native, float32 elsewhere); the same for every
+    method, so paired differences compare like with like."""
     probe_recheck: float = 0.2
     """Near ties under a reduced probe precision, scored again in float32 (`trialign evaluate --probe-recheck`)."""
     trunk_cache_gib: float = 4.0
