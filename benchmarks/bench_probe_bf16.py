@@ -10,8 +10,8 @@ for each against float32
   items whose consistency verdict agrees;
 * accuracy and consistency (the metrics a reader compares);
 * the largest difference of an option log-likelihood;
-* the seconds of the probe pass (the model is loaded once, and a warm-up batch runs first in each precision) and the
-  contexts rechecked.
+* the seconds of the probe pass (the model is loaded once, and a warm-up batch runs first in each precision), the
+  contexts rechecked, and the largest margin (in that precision) of a decision that flipped.
 
 Whether bf16 is native here (`trialign.backbone.native_bf16`) is printed first: without it bf16 is emulated and
 slower.
@@ -34,6 +34,7 @@ from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer, native_bf
 from trialign.comparison import same_decisions  # noqa: E402
 from trialign.evaluate import EvaluateConfig, run_audit  # noqa: E402
 from trialign.groups import load_groups  # noqa: E402
+from trialign.probe import decision_margin  # noqa: E402
 from trialign.tasks import load_task  # noqa: E402
 
 PRECISIONS = ("float32", "autocast", "bfloat16", "bfloat16+recheck")
@@ -81,6 +82,11 @@ def main() -> None:
         gap = max(abs(a - b) for x, y in zip(full.rows, run.rows)
                   for a, b in zip(x["option_logprobs"], y["option_logprobs"]))
         rechecked = f", {run.rechecked} contexts rechecked" if name.endswith("+recheck") else ""
+        # How close the options were where a decision flipped: what `--recheck` must cover.
+        flipped = [decision_margin(row["option_logprobs"], [1] * len(row["option_logprobs"]))
+                   for row, agree in zip(run.rows, same) if not agree]
+        if flipped:
+            rechecked += f"; flipped decisions had margins up to {max(flipped):.3f} nats"
         print(f"  {name:17s} probe {seconds[name]:6.1f} s ({seconds['float32'] / seconds[name]:.2f}x){rechecked}; "
               f"accuracy {run.correct.mean():.4f}, consistency {consistent(run).mean():.4f}; decisions that agree "
               f"{same.mean():.4f} ({int((~same).sum())} differ), consistency verdicts "

@@ -179,7 +179,8 @@ class AnswerProbe:
         `max_new_tokens` bounds a short answer. `share_prefix` reuses each context's KV cache for its options (see
         the module docstring). `precision` (`PRECISIONS`) runs option scoring in the model's own weights
         (``"float32"``), under bfloat16 autocast (``"autocast"``), or on a bfloat16 copy of the weights made once for
-        the probe's life (``"bfloat16"``: no per-call weight casts, so faster than autocast on a CPU with native bf16);
+        the probe's life, with any LoRA adapters merged into it (``"bfloat16"``: no per-call weight casts and no
+        adapter matmuls, so faster than autocast on a CPU with native bf16);
         short answers are always decoded in the model's own weights. A reduced precision moves option
         log-likelihoods by more than rounding, which flips a decision only where options are close: with
         `recheck_margin` > 0 every context whose two best options are closer than that many nats (in the decision's
@@ -236,7 +237,15 @@ class AnswerProbe:
     def _reduced(self) -> Iterator[None]:
         """The forwards inside run in `precision` (the bfloat16 copy is made on first use)."""
         if self.precision == "bfloat16" and self._bf16_copy is None:
-            self._bf16_copy = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+            fast = copy.deepcopy(self.model)
+            if hasattr(fast, "merge_and_unload"):  # a PEFT model: its adapters folded into the copy's weights
+                fast = fast.merge_and_unload()
+            self._bf16_copy = fast.to(torch.bfloat16).eval()
+            # The head sees the last position as a strided slice of the hidden states (`logits_to_keep`); in bf16 on
+            # CPU, matmul then copies the head's weight once per row (16 rows: 0.9 GB, about a second) where a
+            # contiguous input takes milliseconds. The copy is the probe's own, so the hook stays on it.
+            self._bf16_copy.get_output_embeddings().register_forward_pre_hook(
+                lambda module, args: tuple(a.contiguous() if torch.is_tensor(a) else a for a in args))
         self._active = self._bf16_copy if self.precision == "bfloat16" else self.model
         self.autocast = self.precision == "autocast"
         try:
