@@ -34,7 +34,7 @@ from trialign.backbone import DEFAULT_MODEL, load_model_and_tokenizer, native_bf
 from trialign.comparison import same_decisions  # noqa: E402
 from trialign.evaluate import EvaluateConfig, run_audit  # noqa: E402
 from trialign.groups import load_groups  # noqa: E402
-from trialign.probe import decision_margin  # noqa: E402
+from trialign.probe import OptionScores  # noqa: E402
 from trialign.tasks import load_task  # noqa: E402
 
 PRECISIONS = ("float32", "autocast", "bfloat16", "bfloat16+recheck")
@@ -83,7 +83,7 @@ def main() -> None:
                   for a, b in zip(x["option_logprobs"], y["option_logprobs"]))
         rechecked = f", {run.rechecked} contexts rechecked" if name.endswith("+recheck") else ""
         # How close the options were where a decision flipped: what `--recheck` must cover.
-        flipped = [decision_margin(row["option_logprobs"], [1] * len(row["option_logprobs"]))
+        flipped = [OptionScores(logliks=row["option_logprobs"], num_tokens=[], num_chars=[]).margin()
                    for row, agree in zip(run.rows, same) if not agree]
         if flipped:
             rechecked += f"; flipped decisions had margins up to {max(flipped):.3f} nats"

@@ -8,7 +8,7 @@ import torch
 
 import trialign.probe as probe_module
 from trialign.errors import TriAlignError
-from trialign.probe import AnswerProbe, OptionScores, ProbeResult, decision_margin, render_context
+from trialign.probe import AnswerProbe, OptionScores, ProbeResult, render_context
 from trialign.tasks.item import Item
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -175,17 +175,20 @@ def test_reduced_precision_scores_stay_near_float32_and_leave_the_model_as_it_wa
 
 
 def test_decision_margin_by_hand():
-    assert decision_margin([-1.0, -3.0, -1.5], [1, 2, 3]) == pytest.approx(0.5)
-    assert decision_margin([-1.0, -3.0, -1.5], [2, 1, 3], "chars") == pytest.approx(0.0)  # -0.5, -3, -0.5
-    assert decision_margin([-4.0, -1.0], [4, 2], "chars") == pytest.approx(0.5)  # -1 against -0.5
-    assert decision_margin([-2.0], [1]) == float("inf")
+    def margin(logliks, num_chars, normalized=False):
+        return OptionScores(logliks=logliks, num_tokens=[1] * len(logliks), num_chars=num_chars).margin(normalized)
+
+    assert margin([-1.0, -3.0, -1.5], [1, 2, 3]) == pytest.approx(0.5)
+    assert margin([-1.0, -3.0, -1.5], [2, 1, 3], True) == pytest.approx(0.0)  # -0.5, -3, -0.5
+    assert margin([-4.0, -1.0], [4, 2], True) == pytest.approx(0.5)  # -1 against -0.5
+    assert margin([-2.0], [1]) == float("inf")
 
 
 def test_recheck_scores_near_ties_again_in_float32(tiny_model, embedded_tokenizer, contexts):
     full = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=2).score_options(contexts, OPTIONS)
     reduced = AnswerProbe(tiny_model, embedded_tokenizer, batch_size=2, precision="bfloat16").score_options(
         contexts, OPTIONS)
-    margins = [decision_margin(s.logliks, s.num_chars) for s in reduced]
+    margins = [s.margin() for s in reduced]
     # A margin between the first two contexts' ones: exactly the closer of them is rechecked.
     assert margins[0] != margins[1] and margins[2] == float("inf")
     closer, farther = sorted((0, 1), key=margins.__getitem__)

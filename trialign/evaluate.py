@@ -57,6 +57,14 @@ PIPELINES = ("direct", "pref_aligner")
 PROBE_PRECISIONS = ("auto", "float32", "autocast", "bfloat16")
 
 
+def check_probe_precision(precision: str, recheck: float) -> None:
+    """One-line errors for the probe's `probe_precision` and `probe_recheck` settings (`evaluate`, `experiment`)."""
+    require(precision in PROBE_PRECISIONS,
+            f"probe_precision: expected one of {', '.join(PROBE_PRECISIONS)}, got '{precision}'")
+    require(isinstance(recheck, (int, float)) and not isinstance(recheck, bool) and recheck >= 0,
+            f"probe_recheck: expected >= 0 nats, got {recheck!r}")
+
+
 def resolve_probe_precision(precision: str, device: "str | torch.device" = "cpu") -> str:
     """`EvaluateConfig.probe_precision` as the probe runs it: ``auto`` is ``bfloat16`` where bf16 is native on
     `device` (`trialign.backbone.native_bf16`: detected at run time), else ``float32``; the others as given."""
@@ -158,9 +166,7 @@ class EvaluateConfig:
                 f"expression: expected 'explicit' or 'implicit', got '{self.expression}'")
         probe_template(self.probe_template)
         require(self.batch_size > 0, f"batch_size: expected a positive integer, got {self.batch_size}")
-        require(self.probe_precision in PROBE_PRECISIONS,
-                f"probe_precision: expected one of {', '.join(PROBE_PRECISIONS)}, got '{self.probe_precision}'")
-        require(self.probe_recheck >= 0, f"probe_recheck: expected >= 0 nats, got {self.probe_recheck}")
+        check_probe_precision(self.probe_precision, self.probe_recheck)
         require(self.max_new_tokens > 0, f"max_new_tokens: expected a positive integer, got {self.max_new_tokens}")
         require(self.bootstrap >= 0, f"bootstrap: expected >= 0 resamples, got {self.bootstrap}")
         require(self.alpha >= 0, f"alpha: expected >= 0, got {self.alpha}")

@@ -173,12 +173,9 @@ class ExperimentConfig:
         replicas = sorted(set(self.methods) & {replica_name(m, s) for m in self.methods for s in self.extra_seeds})
         require(not replicas, f"methods: name(s) {', '.join(replicas)} clash with a replica of extra_seeds")
         require(Path(self.rollout_config).is_file(), f"rollout_config: config file {self.rollout_config} not found")
-        from trialign.evaluate import PROBE_PRECISIONS
+        from trialign.evaluate import check_probe_precision
 
-        require(self.probe_precision in PROBE_PRECISIONS,
-                f"probe_precision: expected one of {', '.join(PROBE_PRECISIONS)}, got '{self.probe_precision}'")
-        require(isinstance(self.probe_recheck, (int, float)) and self.probe_recheck >= 0,
-                f"probe_recheck: expected >= 0 nats, got {self.probe_recheck!r}")
+        check_probe_precision(self.probe_precision, self.probe_recheck)
         for name in ("eval_limit", "transfer_limit", "batch_size"):
             require(getattr(self, name) > 0, f"{name}: expected a positive integer, got {getattr(self, name)}")
         require(self.personalization_limit >= 0,

@@ -101,16 +101,14 @@ class OptionScores:
         total = sum(weights)
         return [weight / total for weight in weights]
 
+    def margin(self, normalized: bool = False) -> float:
+        """How far the chosen option leads the next best: the difference of the two highest log-likelihoods (per
+        character when `normalized`), in nats; infinite with one option."""
+        scores = sorted(self._normalized() if normalized else self.logliks, reverse=True)
+        return scores[0] - scores[1] if len(scores) > 1 else math.inf
+
     def _normalized(self) -> list[float]:
         return [loglik / chars for loglik, chars in zip(self.logliks, self.num_chars)]
-
-
-def decision_margin(logliks: Sequence[float], num_chars: Sequence[int], normalization: str = "none") -> float:
-    """How far the chosen option leads the next best: the difference of the two highest scores (log-likelihoods,
-    per character with ``"chars"``), in nats; infinite with one option."""
-    scores = sorted((value / chars if normalization == "chars" else value
-                     for value, chars in zip(logliks, num_chars)), reverse=True)
-    return scores[0] - scores[1] if len(scores) > 1 else math.inf
 
 
 def option_accuracy(scores: Sequence[OptionScores], items: Sequence[Item]) -> dict[str, float]:
@@ -235,7 +233,7 @@ class AnswerProbe:
 
     @contextlib.contextmanager
     def _reduced(self) -> Iterator[None]:
-        """The forwards inside run in `precision` (the bfloat16 copy is made on first use)."""
+        """The forwards inside run in `precision` (the bfloat16 copy is made on first use); a no-op in float32."""
         if self.precision == "bfloat16" and self._bf16_copy is None:
             fast = copy.deepcopy(self.model)
             if hasattr(fast, "merge_and_unload"):  # a PEFT model: its adapters folded into the copy's weights
@@ -317,22 +315,20 @@ class AnswerProbe:
         """Log-likelihood of each option after its context, in the order given (in `precision`; near ties
         rechecked, see `recheck_margin`)."""
         context_ids, continuation_ids = self._encode_pairs(contexts, options)
-        if self.precision == "float32":
+        with self._reduced():
             logliks = self._score_ids(context_ids, continuation_ids)
-        else:
-            with self._reduced():
-                logliks = self._score_ids(context_ids, continuation_ids)
-        num_chars = [[len(text) for text in opts] for opts in options]
+        scores = [OptionScores(logliks=values, num_tokens=[len(row) for row in rows],
+                               num_chars=[len(text) for text in opts])
+                  for values, rows, opts in zip(logliks, continuation_ids, options)]
         if self.precision != "float32" and self.recheck_margin > 0:
-            close = [c for c, values in enumerate(logliks)
-                     if decision_margin(values, num_chars[c], self.normalization) < self.recheck_margin]
+            close = [c for c, score in enumerate(scores)
+                     if score.margin(normalized=self.normalization == "chars") < self.recheck_margin]
             if close:
                 again = self._score_ids([context_ids[c] for c in close], [continuation_ids[c] for c in close])
                 for c, values in zip(close, again):
-                    logliks[c] = values
+                    scores[c].logliks = values
                 self.rechecked += len(close)
-        return [OptionScores(logliks=values, num_tokens=[len(row) for row in rows], num_chars=chars)
-                for values, rows, chars in zip(logliks, continuation_ids, num_chars)]
+        return scores
 
     def _score_ids(self, context_ids: list[list[int]], continuation_ids: list[list[list[int]]]) -> list[list[float]]:
         """Option log-likelihoods of encoded (context, options), with the forwards `_active` now."""
