@@ -379,7 +379,7 @@ def test_paired_differences_are_the_paired_bootstrap_of_the_per_item_rows(experi
     # The verdict names the strongest other method by consistency and says whether the CI excludes 0.
     strongest = max(("nash_only", "same_answer_prompt"), key=lambda m: json.loads(
         (experiment / f"eval/{m}/main/metrics.json").read_text())["metrics"]["consistency"]["value"])
-    assert f"- trialign vs the strongest baseline ({strongest}): consistency " in main
+    assert f"- trialign vs the strongest other method ({strongest}): consistency " in main
 
 
 def test_signed_differences_never_print_a_negative_zero():
@@ -467,7 +467,7 @@ def test_results_mode_pairs_an_adapters_evaluation_with_the_others_on_the_same_i
     assert run_cli(capsys, "report", "--results", *map(str, paths), "--output", str(tmp_path / "out"))[0] == 0
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "**Paired differences**" in markdown and "| tuned − base model | 30 |" in markdown
-    assert "- tuned vs the strongest baseline (base model): consistency +" in markdown
+    assert "- tuned vs the strongest other method (base model): consistency +" in markdown
 
 
 def test_results_from_folders_of_the_same_name_get_distinct_method_names(tmp_path, capsys):
@@ -513,7 +513,7 @@ def test_replicas_are_rows_of_their_own_and_are_pooled_in_the_paired_differences
         [values["dpo"], values["dpo_seed1"]])
     assert result["consistency"][0] == pytest.approx(expected)
     # The verdicts are the pooled ones; the per-evaluation table still compares with every replica.
-    assert f"- trialign ×3 vs the strongest baseline (dpo ×2): consistency {signed(*result['consistency'])}" in main
+    assert f"- trialign ×3 vs the strongest other method (dpo ×2): consistency {signed(*result['consistency'])}" in main
     assert "- trialign ×3 vs base: consistency" in main and "| trialign − trialign_seed1 |" in main
 
 

@@ -204,7 +204,7 @@ class Evaluated:
     groups: list[str]
     reference: str | None
     consistency: float | None
-    """The point estimate, to find the strongest baseline."""
+    """The point estimate, to find the strongest other method."""
     replica_of: str | None = None
     """The method this evaluation is a replica of (trained with another seed), else None."""
 
@@ -265,7 +265,7 @@ def _label(family: str, members: Sequence[Evaluated]) -> str:
 
 def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed: int = 0) -> PairedTables | None:
     """Rows ``target − other`` for every other evaluation, ``difference [low, high]`` per `COMPARED` metric, and
-    one-line verdicts (against base and against the strongest other baseline by consistency); None when there is
+    one-line verdicts (against base and against the strongest other method by consistency, a baseline or a variant); None when there is
     nothing to compare (one method, or no target). Where a method has replicas (training seeds), the rows of the
     methods pooled over their replicas follow, and the verdicts are theirs."""
     target = target_method(evaluations)
@@ -301,7 +301,7 @@ def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed
     base = next((e for e in candidates if e.family == "base"), None)
     rest = [e for e in candidates if e.family != "base" and e.consistency is not None]
     strongest = max(rest, key=lambda e: e.consistency) if rest else None
-    named = f"the strongest baseline ({strongest.method})" if strongest else ""
+    named = f"the strongest other method ({strongest.method})" if strongest else ""
     for label, other in (("base", base), (named, strongest)):
         if other is None:
             continue
