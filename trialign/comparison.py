@@ -265,9 +265,9 @@ def _label(family: str, members: Sequence[Evaluated]) -> str:
 
 def paired_table(evaluations: Sequence[Evaluated], n_resamples: int = 1000, seed: int = 0) -> PairedTables | None:
     """Rows ``target − other`` for every other evaluation, ``difference [low, high]`` per `COMPARED` metric, and
-    one-line verdicts (against base and against the strongest other method by consistency, a baseline or a variant); None when there is
-    nothing to compare (one method, or no target). Where a method has replicas (training seeds), the rows of the
-    methods pooled over their replicas follow, and the verdicts are theirs."""
+    one-line verdicts (against base and against the strongest other method by consistency, a baseline or a
+    variant); None when there is nothing to compare (one method, or no target). Where a method has replicas
+    (training seeds), the rows of the methods pooled over their replicas follow, and the verdicts are theirs."""
     target = target_method(evaluations)
     others = [e for e in evaluations if target is not None and e is not target]
     if target is None or not others:
