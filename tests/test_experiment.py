@@ -332,10 +332,11 @@ def test_shipped_experiment_configs_parse_and_plan_every_method(path, monkeypatc
         assert methods == {"trialign", "bc", "dpo", "base", "same_answer", "pref_aligner"}
     elif path.stem == "demo":  # fits 45 minutes: TriAlign, its no-penalty ablation, DPO, base, Pref-Aligner
         assert methods == {"trialign", "trialign_no_penalty", "dpo", "base", "pref_aligner"}
-    elif path.stem in ("seeds", "dev", "dev_epochs"):  # trained methods x seeds 0, 1, 2 and base, one split
+    elif path.stem in ("seeds", "dev", "dev_epochs", "dev_truth"):  # trained x seeds 0, 1, 2 and base, one split
         trained = {"seeds": {"trialign", "dpo", "trialign_no_penalty"},
                    "dev": {"trialign", "dpo", "trialign_truth_all"},
-                   "dev_epochs": {"trialign", "trialign_two_epochs"}}[path.stem]
+                   "dev_epochs": {"trialign", "trialign_two_epochs"},
+                   "dev_truth": {"trialign", "trialign_truth_strong"}}[path.stem]
         assert methods == trained | {f"{m}_seed{s}" for m in trained for s in (1, 2)} | {"base"}
         main_split = experiment.splits()["main"]
         assert set(experiment.splits()) == {"main"}
