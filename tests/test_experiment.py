@@ -16,6 +16,7 @@ import yaml
 
 from trialign.cli import main
 from trialign.experiment import Experiment, ExperimentConfig, parse_config
+from trialign.fileio import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +92,48 @@ def test_an_lmeval_task_keeps_its_include_path_in_every_split_that_asks_it(tmp_p
     assert not any("task_path" in s for s in plain.splits().values())  # unchanged settings: runs still resume
 
 
+def test_an_experiment_built_on_another_plans_as_its_expansion_and_replaces_methods_whole(tmp_path):
+    base = tiny_experiment(tmp_path, "some/model", tmp_path / "out")
+    child = tmp_path / "dev" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text("base: ../experiment.yaml\nname: child\neval_limit: 3\n"
+                     f"methods:\n  dpo: {ROOT / 'configs/baselines/dpo.yaml'}\n")
+    expanded = tmp_path / "expanded.yaml"
+    values = yaml.safe_load(base.read_text())
+    values.update(name="child", eval_limit=3, methods={"dpo": str(ROOT / "configs/baselines/dpo.yaml")})
+    expanded.write_text(yaml.safe_dump(values))
+    built, plain = (Experiment(parse_config(["--config", str(path)])) for path in (child, expanded))
+    assert built.config == plain.config  # `methods` replaced whole: no trialign or bc from the base
+    assert built.splits() == plain.splits() and built.splits()["main"]["limit"] == 3
+    assert [s.key for s in built.steps()] == [s.key for s in plain.steps()]
+    assert {m["name"] for m in built.methods()} == {"dpo", "base", "pref_aligner"}
+
+
+def test_a_rollout_config_base_is_read_and_decides_the_rollout_step(tmp_path):
+    config = tiny_experiment(tmp_path, "some/model", tmp_path / "out")
+    rollout = tmp_path / "rollout.yaml"
+    (tmp_path / "rollout_base.yaml").write_text(rollout.read_text())
+    rollout.write_text("base: rollout_base.yaml\nlimit: 3\n")
+    experiment = Experiment(parse_config(["--config", str(config)]))
+    assert experiment.rollout_values["limit"] == 3 and experiment.rollout_values["task"] == "truthfulqa_mc1"
+    assert experiment.splits()["main"]["offset"] == 3  # after the 3 items the child asks for
+    before = experiment.step_inputs("rollout", sha256_file)
+    base = tmp_path / "rollout_base.yaml"
+    base.write_text(base.read_text().replace("samples: 2", "samples: 3"))
+    after = Experiment(parse_config(["--config", str(config)])).step_inputs("rollout", sha256_file)
+    assert before["rollout_file"] == after["rollout_file"] and before["rollout_bases"] != after["rollout_bases"]
+
+
+def test_a_missing_experiment_base_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    config = tmp_path / "child.yaml"
+    config.write_text("base: nowhere.yaml\nname: child\n")
+    code = main(["experiment", "--config", str(config), "--output", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "child.yaml" in err and "base 'nowhere.yaml' not found" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_challenge_ends_only_the_personalization_split_with_a_challenge_turn(tmp_path):
     path = str(tiny_experiment(tmp_path, "some/model", tmp_path / "out"))
     assert not any("challenge" in s for s in Experiment(parse_config(["--config", path])).splits().values())
@@ -104,9 +147,6 @@ def test_challenge_ends_only_the_personalization_split_with_a_challenge_turn(tmp
 def finished_experiment(tmp_path: Path, config: ExperimentConfig) -> Experiment:
     """`config`'s folder as if every step had run: experiment.json with its done steps and the contents of its
     config files, and a marker file in each step's folder."""
-    from trialign.config_io import config_chain
-    from trialign.fileio import sha256_file
-
     experiment = Experiment(config)
     state = experiment.prepare()
     for step in experiment.steps()[:-1]:
@@ -115,8 +155,7 @@ def finished_experiment(tmp_path: Path, config: ExperimentConfig) -> Experiment:
         (experiment.out / folder / "marker.txt").write_text(step.key)
         (experiment.out / log_file).write_text(f"log of {step.key}")
         state.done[step.key] = {"seconds": 10.0}
-    files = [config.rollout_config, *(str(p) for c in config.methods.values() for p, _ in config_chain(c))]
-    state.fingerprints = {"config_files": {path: sha256_file(path) for path in files}}
+    state.fingerprints = {"config_files": experiment.fingerprints()["config_files"]}  # no rollout manifest: configs
     experiment.save(state)
     return experiment
 
@@ -332,11 +371,9 @@ def test_shipped_experiment_configs_parse_and_plan_every_method(path, monkeypatc
         assert methods == {"trialign", "bc", "dpo", "base", "same_answer", "pref_aligner"}
     elif path.stem == "demo":  # fits 45 minutes: TriAlign, its no-penalty ablation, DPO, base, Pref-Aligner
         assert methods == {"trialign", "trialign_no_penalty", "dpo", "base", "pref_aligner"}
-    elif path.stem in ("seeds", "dev", "dev_epochs", "dev_truth"):  # trained x seeds 0, 1, 2 and base, one split
-        trained = {"seeds": {"trialign", "dpo", "trialign_no_penalty"},
-                   "dev": {"trialign", "dpo", "trialign_truth_all"},
-                   "dev_epochs": {"trialign", "trialign_two_epochs"},
-                   "dev_truth": {"trialign", "trialign_truth_strong"}}[path.stem]
+    elif path.stem == "seeds" or path.stem.startswith("dev"):  # trained x seeds 0, 1, 2 and base, one split
+        trained = set(experiment.config.methods)
+        assert "trialign" in trained and (path.stem != "seeds" or trained == {"trialign", "dpo", "trialign_no_penalty"})
         assert methods == trained | {f"{m}_seed{s}" for m in trained for s in (1, 2)} | {"base"}
         main_split = experiment.splits()["main"]
         assert set(experiment.splits()) == {"main"}

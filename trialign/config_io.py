@@ -75,6 +75,16 @@ def config_chain(path: str | Path, _seen: tuple[Path, ...] = ()) -> list[tuple[P
     return [*config_chain(base_path, (*_seen, path.resolve())), (path, data)]
 
 
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """A settings file of `experiment`, `rollout` or `evaluate` with its ``base`` chain (`config_chain`) merged at
+    the top level: a key the file sets replaces the base's value whole (a ``methods:`` mapping included), so a
+    development experiment names only what it changes."""
+    values: dict[str, Any] = {}
+    for _, data in config_chain(path):
+        values.update(data)
+    return values
+
+
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -178,8 +188,9 @@ def settings_parser(cls: type, prog: str, description: str, config_help: str,
 
 
 def collect_settings(args: argparse.Namespace, command: str) -> tuple[dict[str, Any], str]:
-    """Settings from ``--config`` YAML, then flags, then ``--set`` overrides; and the name of their source."""
-    values: dict[str, Any] = read_yaml_mapping(args.config) if args.config else {}
+    """Settings from ``--config`` YAML (and its ``base`` files, `read_settings`), then flags, then ``--set``
+    overrides; and the name of their source."""
+    values: dict[str, Any] = read_settings(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None})
     values.update(dict(parse_override(o) for o in args.overrides))
     return values, (f"config file {args.config}" if args.config else command)
