@@ -371,14 +371,18 @@ def test_shipped_experiment_configs_parse_and_plan_every_method(path, monkeypatc
         assert methods == {"trialign", "bc", "dpo", "base", "same_answer", "pref_aligner"}
     elif path.stem == "demo":  # fits 45 minutes: TriAlign, its no-penalty ablation, DPO, base, Pref-Aligner
         assert methods == {"trialign", "trialign_no_penalty", "dpo", "base", "pref_aligner"}
-    elif path.stem == "seeds" or path.stem.startswith("dev"):  # trained x seeds 0, 1, 2 and base, one split
+    elif path.stem == "seeds" or path.stem.startswith("dev"):  # trained x seeds 0, 1, 2 and base
         trained = set(experiment.config.methods)
         assert "trialign" in trained and (path.stem != "seeds" or trained == {"trialign", "dpo", "trialign_no_penalty"})
         assert methods == trained | {f"{m}_seed{s}" for m in trained for s in (1, 2)} | {"base"}
-        main_split = experiment.splits()["main"]
-        assert set(experiment.splits()) == {"main"}
+        splits = experiment.splits()
+        # One probed split (and, where a development experiment asks, its first items in generate mode)
+        assert set(splits) == ({"main", "personalization"} if experiment.config.personalization_limit else {"main"})
         # seeds: the demo's main split; dev: development items, after the demo's evaluation items (68-217)
-        assert (main_split["offset"], main_split["limit"]) == ((68, 150) if path.stem == "seeds" else (400, 120))
+        main_split = (splits["main"]["offset"], splits["main"]["limit"])
+        assert main_split == ((68, 150) if path.stem == "seeds" else (400, 120))
+        if "personalization" in splits:
+            assert splits["personalization"]["offset"] == 400 and splits["personalization"]["mode"] == "generate"
         return
     else:
         assert methods == every
