@@ -10,6 +10,8 @@ Every episode of the items is sampled in one call per backend, as `trialign roll
 * transformers `generate` with a static KV cache and its forward compiled by `torch.compile` (`--compile`; the
   candidate the performance issue names first): the same left-padded prompts, one call to compile and warm up (timed
   separately), then the timed call at the same shapes;
+* `--profile`: the batched HF call once more under `torch.profiler`, its operators by self CPU time (where the
+  time goes: the matrix products, the KV cache's concatenation, the sampling draws);
 * `CT2Sampler` (`backend: ct2`) for each `--ct2` compute type (the model converted once into a temporary cache),
   plus the transformers model's log mu of what it sampled (the rescoring `trialign rollout` adds, timed too), and
   the distance of the backend's own log-probabilities from it: mean |own - mu| per token.
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--no-single", action="store_true", help="skip the one-call-per-episode HF reference")
     parser.add_argument("--compile", action="store_true",
                         help="also measure generate with a static cache and torch.compile (inductor)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the batched HF call and print its top operators by self CPU time")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +80,8 @@ def main() -> None:
         single_seconds = time.perf_counter() - start
         print(f"hf, one generate call per episode     : {single_tokens:6d} tokens in {single_seconds:7.1f} s = "
               f"{single_tokens / single_seconds:7.1f} tokens/s ({single_tokens / single_seconds / batched_rate:.2f}x)")
+    if args.profile:
+        profile_batched(sampler, prompts, settings)
     if args.compile:
         compiled_rate(model, tokenizer, prompts, args.max_new_tokens, batched_rate)
     if args.ct2:
@@ -106,6 +112,20 @@ def main() -> None:
                       f"rescoring ({rescore:.1f} s): {tokens / (seconds + rescore):.1f} tokens/s "
                       f"({tokens / (seconds + rescore) / batched_rate:.2f}x); mean |own - mu| {distance:.4f} "
                       f"nats/token")
+
+def profile_batched(sampler, prompts, settings: dict, rows: int = 12) -> None:
+    """The batched call again under `torch.profiler` (CPU activities): each operator's share of self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sampler.sample(prompts, seed=0, **settings)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"profile of the batched call ({total / 1e6:.1f} s of self CPU time under the profiler):")
+    for event in events[:rows]:
+        print(f"  {event.key:<52} {event.self_cpu_time_total / 1e6:7.2f} s {event.self_cpu_time_total / total:6.1%}"
+              f"  ({event.count} calls)")
+
 
 def compiled_rate(model, tokenizer, prompts, max_new_tokens: int, reference: float) -> None:
     """generate with `cache_implementation="static"` and the forward compiled (transformers compiles it itself
