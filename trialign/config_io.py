@@ -76,11 +76,15 @@ def config_chain(path: str | Path, _seen: tuple[Path, ...] = ()) -> list[tuple[P
 
 
 def read_settings(path: str | Path) -> dict[str, Any]:
-    """A settings file of `experiment`, `rollout` or `evaluate` with its ``base`` chain (`config_chain`) merged at
-    the top level: a key the file sets replaces the base's value whole (a ``methods:`` mapping included), so a
-    development experiment names only what it changes."""
+    """A settings file of `experiment`, `rollout` or `evaluate` with its ``base`` chain merged (`merge_chain`)."""
+    return merge_chain(config_chain(path))
+
+
+def merge_chain(chain: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
+    """A `config_chain` merged at the top level: a key a file sets replaces its base's value whole (a ``methods:``
+    mapping included), so a development experiment names only what it changes."""
     values: dict[str, Any] = {}
-    for _, data in config_chain(path):
+    for _, data in chain:
         values.update(data)
     return values
 

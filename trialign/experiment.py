@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trialign.backbone import DEFAULT_MODEL
-from trialign.config_io import build_dataclass, collect_settings, config_chain, read_settings, settings_parser
+from trialign.config_io import build_dataclass, collect_settings, config_chain, merge_chain, settings_parser
 from trialign.errors import TriAlignError, require
 from trialign.experiment_state import ExperimentState, read_state
 
@@ -242,7 +242,9 @@ class Experiment:
             from trialign.trunk_cache import TrunkCache
 
             self.trunk_cache = TrunkCache(max_bytes=int(config.trunk_cache_gib * (1 << 30)))
-        self.rollout_values = read_settings(config.rollout_config)  # as `trialign rollout` reads it
+        chain = config_chain(config.rollout_config)  # read once: its settings, and the files its step's inputs hash
+        self.rollout_files = [str(path) for path, _ in chain]
+        self.rollout_values = merge_chain(chain)  # as `trialign rollout` reads it (`read_settings`)
         self.rollout_values.update(config.rollout_set)
         self.task = self.rollout_values.get("task", "truthfulqa_mc1")
         require(self.task != "local", "rollout_config: a `local` task cannot be held out automatically; "
@@ -382,7 +384,7 @@ class Experiment:
         gives a config file's content hash; it raises KeyError for a file whose content is unknown."""
         c = self.config
         # Files by content, not by path: a copy of a config in another folder decides the same.
-        *bases, own = [file_hash(str(p)) for p, _ in config_chain(c.rollout_config)]  # paths as `fingerprints` has
+        *bases, own = [file_hash(path) for path in self.rollout_files]  # paths as `fingerprints` has them
         rollout = {"model": c.model, "rollout_set": c.rollout_set, "rollout_file": own}
         if bases:  # a rollout config's `base:` files decide its settings too (absent without them: same key as before)
             rollout["rollout_bases"] = bases
@@ -539,8 +541,8 @@ class Experiment:
             found["rollout_shards"] = {entry.file: sha256_file(self.out / "rollout" / entry.file)
                                        for entry in manifest.shards}
         # Each config and the files it builds on (`base:`): a change to the shared base changes every method.
-        files = [str(path) for config in (self.config.rollout_config, *self.config.methods.values())
-                 for path, _ in config_chain(config)]
+        files = [*self.rollout_files, *(str(path) for config in self.config.methods.values()
+                                        for path, _ in config_chain(config))]
         found["config_files"] = {path: sha256_file(path) for path in dict.fromkeys(files)}
         return found
 
