@@ -31,8 +31,8 @@ def _group_names(groups: int | Sequence[str]) -> list[str]:
     return list(groups)
 
 
-def _assistant_text(rng: np.random.Generator, answer: str) -> str:
-    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(3, 14)))]
+def _assistant_text(rng: np.random.Generator, answer: str, words_range: tuple[int, int] = (3, 14)) -> str:
+    words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(*words_range)))]
     cut = int(rng.integers(1, len(words)))
     body = " ".join(words[:cut]) + ("\n" if rng.random() < 0.5 else " ") + " ".join(words[cut:])
     prefix = " " if rng.random() < 0.2 else ""
@@ -58,11 +58,13 @@ def synthetic_rows(
     alpha: float = 0.5,
     gamma: float = 0.9,
     states: int = 0,
+    assistant_words: tuple[int, int] = (3, 14),
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows (one per item) and the group ids. With `with_options`, the last `free_form` items are free-form
     (numeric); without it, every item is free-form. The last `states` items are cross-group state rows (kind
     "state": each group's s_0 and a probe reading there, no episodes); their values come from a generator of their
-    own, so adding states leaves the other rows unchanged."""
+    own, so adding states leaves the other rows unchanged. An assistant message has `assistant_words` [low, high) words
+    and its answer."""
     rng = np.random.default_rng(seed)
     names = _group_names(groups)
     rows = []
@@ -105,7 +107,7 @@ def synthetic_rows(
                     pers = float(np.float32(rng.random()))
                     reward = float(np.float32(truth + alpha * pers))
                     rewards.append(reward)
-                    text = _assistant_text(rng, options[chosen] if options else answer)
+                    text = _assistant_text(rng, options[chosen] if options else answer, assistant_words)
                     turn_rows.append({
                         "user": user, "user_kind": kind, "assistant": text, "answer": answer,
                         "option_logprobs": [float(-rng.uniform(1, 20)) for _ in options],
@@ -191,10 +193,12 @@ def write_synthetic_rollout(
     shards: int = 2,
     config: dict[str, Any] | None = None,
     states: int = 0,
+    assistant_words: tuple[int, int] = (3, 14),
 ) -> Path:
     """A complete synthetic rollout folder at `path` (see `synthetic_rows` for the arguments); returns the folder.
     `config` adds rollout settings to the manifest's ``config`` (e.g. how personas were rendered)."""
     rows, names = synthetic_rows(items=items, groups=groups, samples=samples, turns=turns, seed=seed,
-                                 with_options=with_options, free_form=free_form, states=states)
+                                 with_options=with_options, free_form=free_form, states=states,
+                                 assistant_words=assistant_words)
     return write_rollout_rows(path, rows, names, shards=shards,
                               manifest={"seed": seed, "config": {"samples": samples, "turns": turns, **(config or {})}})

@@ -264,6 +264,19 @@ class TriAlignModule(LightningModule):
             return torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.0)
         return self.optimizer_factory(parameters)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clipping by norm under FSDP: Lightning's FSDP precision plugin refuses it (each rank holds a shard of the
+        gradients), so the root FSDP module's `clip_grad_norm_` clips by the norm over all shards. Found by the first
+        FSDP fit on a GPU (benchmarks/gpu_scale.py); every other strategy clips as Lightning does."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
+            if gradient_clip_val:
+                strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # --- forwards ------------------------------------------------------------------------------------------------
 
     def _hidden(self, input_ids: Tensor, attention_mask: Tensor, row_groups: Tensor, keep_trunk: bool = False
