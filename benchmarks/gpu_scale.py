@@ -78,10 +78,14 @@ class CountedFlops(TorchDispatchMode):
 
 
 class StepMeter(Callback):
-    """Times training steps after `warmup` and counts the FLOPs of the first step, summed over ranks."""
+    """Times training steps after `warmup` and counts the FLOPs of the first step, summed over ranks. With
+    `profile` (a folder), the second step (untimed) runs under `torch.profiler` and rank 0 summarizes its trace."""
 
-    def __init__(self, warmup: int = 2) -> None:
+    def __init__(self, warmup: int = 2, profile: str | None = None) -> None:
         self.warmup = warmup
+        self.profile = profile
+        self.profiler = None
+        self.profile_summary: dict | None = None
         self.counter: CountedFlops | None = None
         self.started = 0.0
         self.seconds: list[float] = []
@@ -109,6 +113,14 @@ class StepMeter(Callback):
             self.counter = CountedFlops()
             self.counter.__enter__()
             self.counted_tokens = self.batch_tokens(batch)
+        elif step == 1 and self.profile and step < self.warmup:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pl_module.device.type == "cuda" else [])
+            self._sync(pl_module)
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+            self.started = time.perf_counter()
         elif step >= self.warmup:
             self.tokens.append(self.batch_tokens(batch))
             self._sync(pl_module)
@@ -120,6 +132,17 @@ class StepMeter(Callback):
             self.counter.__exit__(None, None, None)
             self.counted_flops, self.attention_flops = self.counter.total, self.counter.attention
             self.counter = None
+        elif step == 1 and self.profiler is not None:
+            self._sync(pl_module)
+            seconds = time.perf_counter() - self.started
+            self.profiler.__exit__(None, None, None)
+            if trainer.is_global_zero:
+                folder = Path(self.profile)
+                folder.mkdir(parents=True, exist_ok=True)
+                trace = folder / "step1_trace.json"
+                self.profiler.export_chrome_trace(str(trace))
+                self.profile_summary = trace_summary(trace, seconds)
+            self.profiler = None
         elif step >= self.warmup:
             self._sync(pl_module)
             self.seconds.append(time.perf_counter() - self.started)
@@ -150,6 +173,25 @@ class StepMeter(Callback):
             "flops_per_token": flops_per_token, "attention_share": attention_flops / max(counted_flops, 1.0),
             "achieved_flops_per_s": flops_per_token * timed_tokens / seconds,
         }
+
+
+def trace_summary(path: Path, seconds: float, top: int = 12) -> dict:
+    """From a Chrome trace of one step: how long the GPU ran kernels (the union of their intervals, so overlapping
+    streams count once) against the step's wall time, the kernel count, and the kernels that took longest in all."""
+    events = json.loads(Path(path).read_text()).get("traceEvents", [])
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    busy, end = 0.0, float("-inf")
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        start, stop = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e["name"]] = by_name.get(e["name"], 0.0) + float(e["dur"])
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return {"step_seconds": seconds, "kernels": len(kernels), "gpu_busy_seconds": busy / 1e6,
+            "gpu_busy_fraction": busy / 1e6 / seconds,
+            "top_kernels": [{"name": name[:120], "seconds": dur / 1e6} for name, dur in ranked]}
 
 
 def _device_name(device: torch.device) -> str:
@@ -225,6 +267,8 @@ def fit_args(args, model_dir: Path, data_dir: Path, work: Path) -> list[str]:
            "--trainer.enable_progress_bar", "false", "--checkpoint.save_last", "false",
            "--validate_before_fit", "false", "--validate_after_fit", "false",
            "--trainer.callbacks+=gpu_scale.StepMeter", f"--trainer.callbacks.warmup={args.warmup}"]
+    if args.profile:
+        out.append(f"--trainer.callbacks.profile={args.profile}")
     if not args.tiny and not args.checkpointing:
         out += ["--trainer.strategy.init_args.activation_checkpointing_policy", "null"]
     return out
@@ -242,6 +286,7 @@ def main() -> None:
                         help="activation checkpointing per decoder layer, as configs/strategy/fsdp.yaml ships")
     parser.add_argument("--work", default=str(ROOT / "runs/gpu_scale"), help="folder for the model, data and fit")
     parser.add_argument("--output", default=None, help="write the report here as JSON")
+    parser.add_argument("--profile", default=None, help="profile the second (untimed) step; its trace goes here")
     args = parser.parse_args()
     args.preset = args.preset or ("tiny" if args.tiny else "1b")
     if args.steps <= args.warmup:
@@ -284,6 +329,12 @@ def main() -> None:
                         f"{datasheet / 1e12:.0f} TFLOP/s") if datasheet else ""
     print(f"{kind}: {100 * report['fraction_of_measured_peak']:.1f}% of the measured matmul peak "
           f"({peak / 1e12:.2f} TFLOP/s){versus_datasheet}")
+    if meter.profile_summary:
+        summary = report["profile"] = meter.profile_summary
+        print(f"profiled step: {summary['step_seconds']:.3f} s, GPU busy {summary['gpu_busy_seconds']:.3f} s "
+              f"({100 * summary['gpu_busy_fraction']:.0f}%), {summary['kernels']} kernels; longest in all:")
+        for kernel in summary["top_kernels"]:
+            print(f"  {kernel['seconds'] * 1e3:8.1f} ms  {kernel['name']}")
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 

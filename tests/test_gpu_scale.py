@@ -55,7 +55,7 @@ def fsdp_config(tmp_path, model_dir: str, checkpointing: bool):
         def instantiate_classes(self) -> None:
             pass
 
-    args = SimpleNamespace(tiny=False, checkpointing=checkpointing, batch_size=4, steps=12, warmup=2)
+    args = SimpleNamespace(tiny=False, checkpointing=checkpointing, batch_size=4, steps=12, warmup=2, profile=None)
     data = write_synthetic_rollout(tmp_path / "data", groups=["neutral", "teenager"])
     argv = gpu_scale.fit_args(args, Path(model_dir), data, tmp_path)
     assert argv[0] == "fit"
@@ -121,3 +121,19 @@ def test_gradient_clipping_under_fsdp_goes_through_the_root_fsdp_module(tiny_mod
     module.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm=None)
     module.configure_gradient_clipping(None, gradient_clip_val=None, gradient_clip_algorithm=None)
     assert strategy.model.clipped == [1.0, 0.5]
+
+
+def test_trace_summary_counts_overlapping_kernels_once_and_ranks_them(tmp_path):
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        {"cat": "kernel", "name": "gemm", "ts": 0, "dur": 400},
+        {"cat": "kernel", "name": "add", "ts": 300, "dur": 200},      # overlaps the gemm by 100 us
+        {"cat": "kernel", "name": "add", "ts": 1000, "dur": 100},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5000},  # not a kernel
+    ]}))
+    summary = gpu_scale.trace_summary(trace, seconds=0.002)
+    assert summary["kernels"] == 3
+    assert summary["gpu_busy_seconds"] == pytest.approx(600e-6)  # [0, 500) and [1000, 1100)
+    assert summary["gpu_busy_fraction"] == pytest.approx(0.3)
+    assert summary["top_kernels"] == [{"name": "gemm", "seconds": pytest.approx(400e-6)},
+                                      {"name": "add", "seconds": pytest.approx(300e-6)}]
