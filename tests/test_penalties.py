@@ -227,6 +227,40 @@ def test_anchored_to_the_reference_model_matches_numpy_over_every_group():
         AnchoredToReference(anchor="neutral")
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.25, 1.0])
+def test_sharpened_anchor_matches_numpy(temperature):
+    """KL(q || p_g) with q = softmax(log p_ref / T) over the valid options; T = 0: the cross-entropy of each persona
+    to the reference group's argmax."""
+    from trialign.modules.penalties import AnchoredToReference
+
+    rng = np.random.default_rng(11)
+    logits = rng.normal(-5, 3, size=(3, 4, 3))
+    option_mask = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=bool)
+    logits[1, 0, 2] = 50.0  # a padded option larger than every valid one: never the argmax
+    group_mask = np.ones((3, 4), dtype=bool)
+    group_mask[0, 2] = False
+    expected = []
+    for b in range(3):
+        x = logits[b][:, option_mask[b]]
+        log_p = x - x.max(-1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+        if temperature == 0:
+            q = np.eye(len(log_p[0]))[np.argmax(log_p[0])]
+        else:
+            z = log_p[0] / temperature
+            q = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        kls = [(q * (np.log(np.where(q > 0, q, 1)) - log_p[g])).sum() for g in (1, 2, 3) if group_mask[b, g]]
+        expected.append(np.mean(kls))
+    tensor = torch.tensor(logits, requires_grad=True)
+    value = AnchoredToReference(reference_index=0, temperature=temperature)(
+        tensor, torch.tensor(option_mask), torch.zeros(3, 4), torch.tensor(group_mask), torch.ones(3, dtype=bool))
+    assert value.item() == pytest.approx(np.mean(expected), rel=1e-9)
+    value.backward()
+    assert tensor.grad[:, 0].abs().sum() == 0 and torch.isfinite(tensor.grad).all()
+    with pytest.raises(ValueError, match="AnchoredToReference.temperature: expected a number >= 0, got -1"):
+        AnchoredToReference(temperature=-1)
+
+
 def test_anchored_penalty_needs_the_reference_group(tiny_model_dir):
     from trialign.errors import TriAlignError
     from trialign.modules.aggregators import NashSocialWelfare

@@ -115,20 +115,30 @@ class AnchoredToReference(InconsistencyPenalty):
 
     Option items with the reference group probed (and, for ``current``, at least one other group).
 
+    ``temperature`` sharpens the target: q = softmax(log p_anchor / temperature) over the valid options, and the
+    penalty is KL(q ‖ p_g). 1 (the default) is the anchor itself. 0 is its argmax (one-hot; the first option on ties),
+    so the penalty is the cross-entropy −log p_g(a*) of each persona's answer to the neutral user's answer a*: the
+    consistency metric counts argmax agreement, and a soft target near a tie is matched by a persona distribution
+    whose argmax can still fall either way, where the one-hot target keeps pushing until it does not.
+
     Args:
         reference_index: position of the reference group in the data's group order; `TriAlignModule` sets it from
             its `reference_group` (None until then, which is an error at the first call).
         anchor: ``current`` or ``reference_model`` (above).
+        temperature: of the target (above); at least 0.
     """
 
     ANCHORS = ("current", "reference_model")
 
-    def __init__(self, reference_index: int | None = None, anchor: str = "current"):
+    def __init__(self, reference_index: int | None = None, anchor: str = "current", temperature: float = 1.0):
         super().__init__()
         if anchor not in self.ANCHORS:
             raise ValueError(f"AnchoredToReference.anchor: expected one of {', '.join(self.ANCHORS)}, got {anchor!r}")
+        if not temperature >= 0:
+            raise ValueError(f"AnchoredToReference.temperature: expected a number >= 0, got {temperature!r}")
         self.reference_index = reference_index
         self.anchor = anchor
+        self.temperature = float(temperature)
 
     @property
     def needs_anchor(self) -> bool:
@@ -153,10 +163,22 @@ class AnchoredToReference(InconsistencyPenalty):
             log_ref = log_p[:, ref:ref + 1, :].detach()
             counted_groups = group_mask.clone()
             counted_groups[:, ref] = False
+        log_ref = self._sharpened(log_ref, option_mask[:, None, :])
         kl = torch.where(valid, log_ref.exp() * (log_ref - log_p), torch.zeros_like(log_p)).sum(-1)  # [B, G]
         count = counted_groups.sum(-1)
         value = torch.where(counted_groups, kl, torch.zeros_like(kl)).sum(-1) / count.clamp(min=1).to(kl.dtype)
         return value, has_options & group_mask[:, ref] & (count >= 1)
+
+    def _sharpened(self, log_ref: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """log q, q = softmax(log_ref / temperature) over the valid options (one-hot at temperature 0)."""
+        if self.temperature == 1.0:
+            return log_ref
+        if self.temperature == 0.0:
+            best = torch.where(valid, log_ref, torch.full_like(log_ref, 2 * _MASKED)).argmax(-1, keepdim=True)
+            hot = torch.zeros_like(log_ref, dtype=torch.bool).scatter_(-1, best, True)
+            return torch.where(hot, torch.zeros_like(log_ref), torch.full_like(log_ref, _MASKED))
+        scaled = torch.where(valid, log_ref / self.temperature, torch.full_like(log_ref, _MASKED))
+        return torch.log_softmax(scaled.clamp(min=_MASKED), dim=-1)
 
 
 def _group_moments(gold_logprob: torch.Tensor, group_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
