@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PRESETS = {
     # TinyLlama-1.1B's shape (with the tokenizer's vocabulary): 1.07B parameters with SmolLM2's 49,152 tokens.
@@ -201,22 +202,13 @@ def _device_name(device: torch.device) -> str:
 
 
 def matmul_peak(device: str) -> float:
-    """FLOP/s of the best of 10 square matrix products: 8192^3 in bf16 on a GPU, 1024^3 in fp32 on CPU."""
-    size, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(10):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+    """FLOP/s of the best of 10 square matrix products: 8192^3 in bf16 on a GPU, 1024^3 in fp32 on CPU
+    (`roofline.matmul_peak`)."""
+    from roofline import matmul_peak as gflops
+
+    if device == "cuda":
+        return gflops(torch.bfloat16, size=8192, repeats=10, device="cuda") * 1e9
+    return gflops(torch.float32, size=1024, repeats=10) * 1e9
 
 
 def build_model(folder: Path, preset: str, tokenizer_source: str, device: str) -> int:
@@ -293,7 +285,6 @@ def main() -> None:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: the FSDP run needs GPUs (use --tiny for the CPU version)")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     # DDP's worker processes rerun this script; they must import the callback by the same name.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))
     work = Path(args.work)

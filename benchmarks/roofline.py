@@ -32,16 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """GFLOP/s of the best of `repeats` size x size matrix products on `device` (benchmarks/gpu_scale.py: 8192 in
+    bf16 on a GPU)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     a @ b  # warm-up
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    best = min(_seconds(lambda: a @ b, device) for _ in range(repeats))
     return 2 * size ** 3 / best / 1e9
 
 
-def _seconds(work) -> float:
+def _seconds(work, device: str = "cpu") -> float:
+    """Wall time of `work()`; on a GPU, from and to an idle device."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
     work()
+    sync()
     return time.perf_counter() - start
 
 

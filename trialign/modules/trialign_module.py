@@ -63,6 +63,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 
@@ -268,8 +269,6 @@ class TriAlignModule(LightningModule):
         """Clipping by norm under FSDP: Lightning's FSDP precision plugin refuses it (each rank holds a shard of the
         gradients), so the root FSDP module's `clip_grad_norm_` clips by the norm over all shards. Found by the first
         FSDP fit on a GPU (benchmarks/gpu_scale.py); every other strategy clips as Lightning does."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
         strategy = self.trainer.strategy
         if isinstance(strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
             if gradient_clip_val:
