@@ -79,6 +79,7 @@ from trialign.modules.objectives import PolicyObjective
 from trialign.modules.penalties import AnchoredToReference, InconsistencyPenalty, NoPenalty
 from trialign.modules.policy import SHARED_ADAPTER, Policy
 from trialign.modules.probe_groups import step_groups
+from trialign.modules.schedules import check_schedule, lr_factor, total_fit_steps
 from trialign.modules.truth import expected_truth, truth_loss
 from trialign.modules.utility import GroupUtility, snis_group_means
 from trialign.modules.values import ValueEstimator
@@ -124,6 +125,9 @@ class TriAlignModule(LightningModule):
         detach_value_features: value heads read detached hidden states (the critic does not train the adapters).
         optimizer: a callable `params -> Optimizer` (LightningCLI: class_path/init_args of a torch optimizer);
             None is AdamW(lr=1e-4).
+        lr_schedule: "constant", "linear" or "cosine" decay of the learning rate over the fit's steps
+            (`trialign.modules.schedules`), stepped every optimizer step.
+        warmup_steps: optimizer steps of a linear warm-up before the schedule.
         adapter_dir: where adapters and heads are exported (None: `<trainer.log_dir>/adapter`).
         probe_share_prefix: run each probe context once and its options on its KV cache (off automatically
             where gradient checkpointing disables caching: training steps with `gradient_checkpointing`).
@@ -157,6 +161,8 @@ class TriAlignModule(LightningModule):
         utility_ema: float = 0.9,
         detach_value_features: bool = True,
         optimizer: OptimizerFactory | None = None,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
         adapter_dir: str | None = None,
         probe_share_prefix: bool = True,
         trunk_memo_gib: float = 0.0,
@@ -220,6 +226,9 @@ class TriAlignModule(LightningModule):
         self.per_group_adapters = per_group_adapters
         self.reference_group = reference_group
         self.optimizer_factory = optimizer
+        check_schedule(lr_schedule, warmup_steps)
+        self.lr_schedule = lr_schedule
+        self.warmup_steps = warmup_steps
         self.adapter_dir = adapter_dir
         self.probe_share_prefix = probe_share_prefix
         if trunk_memo_gib < 0:
@@ -262,8 +271,16 @@ class TriAlignModule(LightningModule):
     def configure_optimizers(self):
         parameters = self.trainable_parameters()
         if self.optimizer_factory is None:
-            return torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.0)
-        return self.optimizer_factory(parameters)
+            optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.0)
+        else:
+            optimizer = self.optimizer_factory(parameters)
+        if self.lr_schedule == "constant" and not self.warmup_steps:
+            return optimizer
+        total = total_fit_steps(self.trainer, self.warmup_steps)
+        schedule, warmup = self.lr_schedule, self.warmup_steps
+        # A closure, so that LambdaLR's state dict (in every checkpoint) holds only its step count.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, schedule, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clipping by norm under FSDP: Lightning's FSDP precision plugin refuses it (each rank holds a shard of the
@@ -501,7 +518,8 @@ class TriAlignModule(LightningModule):
         self.last_loss_parts = {k: v.detach() for k, v in parts.items()}  # what the divergence guard checks
         batch_size = int(batch["option_mask"].shape[0])
         logged: dict[str, Tensor] = {"train/loss": total.detach(), "train/penalty": parts["penalty"].detach(),
-                                     "train/kl": parts["kl"].detach(), "train/context_kl": parts["context_kl"].detach()}
+                                     "train/kl": parts["kl"].detach(), "train/context_kl": parts["context_kl"].detach(),
+                                     "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"])}
         for index, group in enumerate(self.group_names):
             logged[f"train/utility/{group}"] = parts["utility"][index]
             logged[f"train/weight/{group}"] = parts["weight"][index]
