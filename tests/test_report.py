@@ -527,3 +527,49 @@ def test_report_section_prints_one_splits_tables_as_the_report_wrote_them(experi
     assert "## Split" not in text and "![" not in text
     with pytest.raises(SystemExit, match="no split 'nope' in the report"):
         section(markdown, "nope")
+
+
+def profile_arrays(answers: list[list[int]], groups: list[str]):
+    from trialign.comparison import ItemArrays
+
+    a = np.array(answers)
+    return ItemArrays([f"i{n}" for n in range(len(a))], groups, a == 0, a, np.zeros(a.shape), False)
+
+
+def test_disagreement_profile_counts_items_by_the_groups_that_leave_the_reference():
+    from trialign.comparison import disagreement_profile
+
+    groups = ["a", "ref", "c", "d"]  # the reference need not come first
+    answers = [[0, 0, 0, 0],   # consistent
+               [1, 0, 0, 0],   # 1 leaves
+               [1, 0, 2, 0],   # 2 leave
+               [1, 0, 1, 1],   # all 3 leave, agreeing with each other: the reference alone
+               [1, 0, 2, 1],   # all 3 leave, not agreeing
+               [0, 0, 0, 0]]
+    assert disagreement_profile(profile_arrays(answers, groups), "ref") == [
+        ("consistent", 2), ("1", 1), ("2", 1), ("all 3", 2), ("the reference alone", 1)]
+    # the columns for other group counts: every count of leaving groups in exactly one of them
+    for size, labels in ((2, ["all 1"]), (3, ["1", "all 2"]), (9, ["1", "2-4", "5-7", "all 8"]),
+                         (10, ["1", "2-4", "5-8", "all 9"])):
+        rows = [[0] * size] + [[0] * (size - k) + [1] * k for k in range(1, size)]
+        profile = disagreement_profile(profile_arrays(rows, [f"g{j}" for j in range(size)]), "g0")
+        assert [label for label, _ in profile] == ["consistent", *labels, "the reference alone"]
+        assert sum(n for _, n in profile[:-1]) == size  # each item counted once
+    with pytest.raises(Exception, match="reference group 'x' is not one of"):
+        disagreement_profile(profile_arrays(answers, groups), "x")
+
+
+def test_the_report_shows_where_the_groups_leave_the_reference_from_the_per_item_rows(experiment):
+    from trialign.comparison import disagreement_profile, read_item_arrays
+
+    markdown = (experiment / "report.md").read_text()
+    section = markdown.split("## Split: main", 1)[1].split("\n## ", 1)[0]
+    caption = ("**Where the groups leave the neutral group's answer (items; columns: how many of the 3 other groups "
+               "answer otherwise; \"the reference alone\": those 3 give one answer, the neutral group another)**:")
+    assert caption in section
+    table = section.split(caption, 1)[1].strip().split("\n\n", 1)[0].splitlines()
+    assert table[0] == "| method | items | consistent | 1 | 2 | all 3 | the reference alone |"
+    for line, method in zip(table[2:], METHODS, strict=True):
+        profile = disagreement_profile(read_item_arrays(experiment / f"eval/{method}/main", TRAIN_GROUPS), "neutral")
+        assert line == "| " + " | ".join([method, "30"] + [str(n) for _, n in profile]) + " |"
+    assert "the reference alone" in (experiment / "report.html").read_text()

@@ -133,6 +133,29 @@ def read_item_arrays(folder: str | Path, group_names: Sequence[str]) -> ItemArra
     return records_from_rows(rows, group_names, f"per-item file {path}")
 
 
+def disagreement_profile(arrays: ItemArrays, reference: str) -> list[tuple[str, int]]:
+    """Where an evaluation's inconsistency lies: (label, items) for the items every group answers alike, the items
+    where 1, 2 to half, more than half but not all, or all of the G − 1 other groups leave the `reference` group's
+    answer, and among the last the items where the others all agree with each other (the reference is the odd one
+    out, so pulling the others to it moves the many to the one). Ranges that hold no count of groups are left out
+    (with 2 other groups: 1 and all)."""
+    require(reference in arrays.group_names, f"disagreement: reference group {reference!r} is not one of "
+            f"{arrays.group_names}")
+    r = arrays.group_names.index(reference)
+    others = np.delete(arrays.answers, r, axis=1)
+    leaving = (others != arrays.answers[:, r:r + 1]).sum(axis=1)
+    k = others.shape[1]
+    ranges = [(1, 1), (2, k // 2), (max(k // 2 + 1, 2), k - 1), (k, k)] if k > 1 else [(1, 1)]
+    rows = [("consistent", int((leaving == 0).sum()))]
+    for low, high in ranges:
+        if low <= high:
+            label = f"all {k}" if low == k else str(low) if low == high else f"{low}-{high}"
+            rows.append((label, int(((leaving >= low) & (leaving <= high)).sum())))
+    alone = (leaving == k) & (others == others[:, :1]).all(axis=1)
+    rows.append(("the reference alone", int(alone.sum())))
+    return rows
+
+
 def _summary(group_names: Sequence[str], reference: str | None):
     """The `COMPARED` metrics of [..., N, G] arrays (vectorized over resamples, as `bootstrap_ci` wants)."""
     from trialign.functional import audit_summary

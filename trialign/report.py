@@ -6,10 +6,11 @@ the method is each ``metrics.json``'s label, the split its task and group file).
 
 The report holds, per split, a results table (accuracy, worst-group accuracy, gap, consistency,
 consistent-and-correct, breakage, personalization, Nash welfare, each as ``value [95% CI]``, the best point estimate
-per column in bold), the paired differences of TriAlign to every other method, methods x groups heat maps of
-per-group accuracy and of agreement with the neutral user, and the per-group numbers; then a trade-off plot
-(mean accuracy vs. consistency, colour = personalization, one point per method), the configs, fingerprints and the
-files the numbers come from. Plots are PNGs drawn with matplotlib's Agg renderer: written beside the Markdown in
+per column in bold), the paired differences of TriAlign to every other method, where the inconsistency lies (items
+by how many groups leave the neutral user's answer, `trialign.comparison.disagreement_profile`), methods x groups
+heat maps of per-group accuracy and of agreement with the neutral user, and the per-group numbers; then a trade-off
+plot (mean accuracy vs. consistency, colour = personalization, one point per method), the configs, fingerprints and
+the files the numbers come from. Plots are PNGs drawn with matplotlib's Agg renderer: written beside the Markdown in
 ``report_files/`` (so it renders on GitHub) and embedded as base64 in the HTML (a single file, no external assets,
 no scripts).
 
@@ -30,7 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from trialign.comparison import PairedTables
+from trialign.comparison import PairedTables, disagreement_profile, read_item_arrays
 from trialign.config_io import FlagParser
 from trialign.errors import TriAlignError, require
 from trialign.experiment import SPLITS
@@ -279,6 +280,31 @@ def parity_table(evaluations: list[Evaluation]) -> tuple[list[str], list[list[st
     return (["method", "documents", "metric", "trialign", "lm-eval", "difference"], rows) if rows else None
 
 
+def disagreement_table(evaluations: list[Evaluation]) -> tuple[str, list[str], list[list[str]]] | None:
+    """(caption, header, rows): per method, the items of the split by how many groups leave the reference group's
+    answer (`trialign.comparison.disagreement_profile`); None where the evaluations do not share their groups and
+    reference, or kept no per-item rows."""
+    settings = {(tuple(e.groups), e.document.reference) for e in evaluations}
+    if len(settings) != 1 or next(iter(settings))[1] is None:
+        return None
+    groups, reference = next(iter(settings))
+    rows, header = [], None
+    for e in evaluations:
+        try:
+            profile = disagreement_profile(read_item_arrays(e.path.parent, list(groups)), reference)
+        except TriAlignError:
+            return None
+        header = header or ["method", "items"] + [label for label, _ in profile]
+        rows.append([e.method, str(sum(n for label, n in profile[:-1]))] + [str(n) for _, n in profile])
+    return disagreement_caption(reference, len(groups) - 1), header, rows
+
+
+def disagreement_caption(reference: str, others: int) -> str:
+    return (f"Where the groups leave the {reference} group's answer (items; columns: how many of the {others} other "
+            f"groups answer otherwise; \"the reference alone\": those {others} give one answer, the {reference} "
+            "group another)")
+
+
 PARITY_NOTE = "neutral user, lm-eval's zero-shot prompt, the same documents scored by lm-eval itself"
 
 
@@ -408,6 +434,9 @@ def render_markdown(report: Report, files_dir: str = FILES_DIR) -> str:
             out += [f"- {line}" for line in paired.verdicts] + [""]
         for caption, c_header, c_rows, c_bold in challenge_tables(report, split):
             out += [f"**{caption}**:", ""] + _md_table(c_header, c_rows, c_bold) + [""]
+        disagreement = disagreement_table(evaluations)
+        if disagreement is not None:
+            out += [f"**{disagreement[0]}**:", ""] + _md_table(*disagreement[1:]) + [""]
         parity = parity_table(evaluations)
         if parity is not None:
             out += [f"**lm-eval parity** ({PARITY_NOTE}):", ""] + _md_table(*parity) + [""]
@@ -516,6 +545,10 @@ def render_html(report: Report, plots: dict[str, bytes]) -> str:
             out += [f"<li>{_h(line)}</li>" for line in paired.verdicts] + ["</ul>"]
         for caption, c_header, c_rows, c_bold in challenge_tables(report, split):
             out += [f'<p class="caption"><b>{_h(caption)}</b>:</p>', _html_table(c_header, c_rows, c_bold)]
+        disagreement = disagreement_table(evaluations)
+        if disagreement is not None:
+            out += [f'<p class="caption"><b>{_h(disagreement[0])}</b>:</p>',
+                    _html_table(*disagreement[1:])]
         parity = parity_table(evaluations)
         if parity is not None:
             out += [f'<p class="caption"><b>lm-eval parity</b> ({_h(PARITY_NOTE)}):</p>', _html_table(*parity)]
