@@ -291,11 +291,12 @@ def disagreement_table(evaluations: list[Evaluation]) -> tuple[str, list[str], l
     rows, header = [], None
     for e in evaluations:
         try:
-            profile = disagreement_profile(read_item_arrays(e.path.parent, list(groups)), reference)
+            arrays = read_item_arrays(e.path.parent, list(groups))
         except TriAlignError:
             return None
+        profile = disagreement_profile(arrays, reference)
         header = header or ["method", "items"] + [label for label, _ in profile]
-        rows.append([e.method, str(sum(n for label, n in profile[:-1]))] + [str(n) for _, n in profile])
+        rows.append([e.method, str(len(arrays.item_ids))] + [str(n) for _, n in profile])
     return disagreement_caption(reference, len(groups) - 1), header, rows
 
 
